@@ -1,0 +1,163 @@
+"""The ``kdshield`` command: parses flags, validates them into job settings, calls the library.
+
+Bad input ends the command with one line ``kdshield: error: ...`` and exit status 2 before
+any Ray work starts; any other failure exits 1 with its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from kdshield.config import ScalingSettings, TrainSettings, load_yaml, parse_assignments, parse_settings
+from kdshield.errors import InputError
+
+
+def _add_scaling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where it runs")
+    g.add_argument("--workers", type=int, help="Ray Train workers per stage (default 1)")
+    g.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 1)")
+    g.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0)")
+    g.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0-3 (default 0)")
+    g.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
+    g.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: start a local Ray")
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--max-length", type=int)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any setting, e.g. training.weight_decay=0.01 (repeatable)")
+    g.add_argument("--config", help="YAML file of settings (flags and --set override it)")
+
+
+def _picked(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"training.lr": 1}`` -> ``{"training": {"lr": 1}}``."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def job_values(args: argparse.Namespace, top: list[str]) -> dict[str, Any]:
+    """Settings from --config, then flags, then --set (later wins), nested for pydantic."""
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    flags = _picked(args, top)
+    flags["training"] = _picked(args, ["epochs", "lr", "batch_size", "max_length", "seed"])
+    flags["scaling"] = _picked(args, ["workers", "cpus_per_worker", "gpus_per_worker", "zero", "bf16", "address"])
+    if "seed" in flags["training"]:
+        flags["seed"] = flags["training"]["seed"]
+    values = _merge(values, {k: v for k, v in flags.items() if v != {}})
+    return _merge(values, _nest(parse_assignments(getattr(args, "set", None))))
+
+
+# -- commands -------------------------------------------------------------------------------
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from kdshield.datasets import build_corpus
+
+    stats = build_corpus(args.name, args.out, seed=args.seed, test_fraction=args.test_fraction)
+    print(f"{args.name}: " + ", ".join(f"{k}={v}" for k, v in stats.items() if isinstance(v, (int, str))))
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from kdshield.evaluation import markdown_table
+    from kdshield.trainables.attack import AttackJob, run_attack
+
+    values = job_values(args, ["train", "test", "model", "out", "attack", "num_insertions", "position",
+                               "target_label", "poison_rate", "clean_label", "dev_fraction", "num_labels",
+                               "overwrite"])
+    if args.trigger is not None:
+        values["triggers"] = [t.strip() for t in args.trigger.split(",")] if args.attack == "badnet" else [args.trigger]
+    job = parse_settings(AttackJob, values, source="attack")
+    metrics = run_attack(job)
+    print(markdown_table([{"model": job.model, "attack": job.attack, "poison rate": job.poison_rate,
+                           "CACC %": metrics["cacc"], "ASR %": metrics["asr"],
+                           "seconds": metrics["seconds"]}]))
+    print(f"run written to {job.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kdshield.demo import run_demo
+
+    run_demo(out=args.out, overwrite=args.overwrite)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdshield", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    build = data.add_parser("build", help="build a packaged real corpus into DIR/{train,test}.parquet")
+    build.add_argument("name", help="rotten-tomatoes, cr, r8, ...")
+    build.add_argument("--out", required=True)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--test-fraction", type=float, default=0.2)
+    build.set_defaults(func=cmd_data_build)
+
+    attack = sub.add_parser("attack", help="implant a backdoor, write a RUN directory")
+    attack.add_argument("--train", required=True)
+    attack.add_argument("--test", required=True)
+    attack.add_argument("--model", help="preset (minilm, smollm2-135m, tiny-bert, ...), local dir or hub id")
+    attack.add_argument("--attack", choices=["badnet", "addsent"], default="badnet")
+    attack.add_argument("--trigger", help="trigger text; for badnet a comma-separated word list")
+    attack.add_argument("--num-insertions", type=int, help="badnet: trigger words inserted per sample")
+    attack.add_argument("--position", choices=["random", "start", "end"])
+    attack.add_argument("--target-label", type=int)
+    attack.add_argument("--poison-rate", type=float)
+    attack.add_argument("--clean-label", action="store_true", default=None)
+    attack.add_argument("--dev-fraction", type=float)
+    attack.add_argument("--num-labels", type=int)
+    attack.add_argument("--out", required=True)
+    attack.add_argument("--overwrite", action="store_true", default=None)
+    _add_training(attack)
+    _add_scaling(attack)
+    attack.set_defaults(func=cmd_attack)
+
+    demo = sub.add_parser("demo", help="the whole story, small and local")
+    demo.add_argument("--out", default="kdshield-demo")
+    demo.add_argument("--overwrite", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as err:
+        print(f"kdshield: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kdshield: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

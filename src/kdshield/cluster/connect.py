@@ -1,0 +1,44 @@
+"""Start or join Ray with the environment kdshield's workers need."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def default_env() -> dict[str, str]:
+    """Environment variables every Ray process of a job gets.
+
+    Without a GPU, DeepSpeed must be told to use its CPU accelerator (it probes CUDA
+    otherwise); ``KDSHIELD_CACHE`` is forwarded so workers find the same asset cache.
+    """
+    import torch
+
+    env = {}
+    if not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+    if os.environ.get("KDSHIELD_CACHE"):
+        env["KDSHIELD_CACHE"] = os.environ["KDSHIELD_CACHE"]
+    return env
+
+
+def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Join the Ray cluster at ``address`` (``auto``, ``ray://host:10001``), or start a local one.
+
+    A no-op when Ray is already initialised in this process. Token authentication stays as
+    Ray configures it (on by default for local clusters).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.update(default_env())  # the driver's own DeepSpeed imports too
+    kwargs = {"runtime_env": {"env_vars": default_env()},
+              "logging_level": logging.WARNING if quiet else logging.INFO}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = not quiet
+    ctx.print_on_execution_start = not quiet

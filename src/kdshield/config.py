@@ -1,0 +1,90 @@
+"""Typed job settings, validated before any Ray work starts.
+
+Settings come from command-line flags, ``--set key=value`` pairs and YAML files; all of them
+end up in these pydantic models, whose validation errors are turned into one-line
+:class:`~kdshield.errors.InputError` messages by :func:`parse_settings`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kdshield.errors import InputError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ScalingSettings(_Settings):
+    """Where and how wide a job runs."""
+
+    workers: int = Field(1, ge=1, description="Ray Train workers per training stage")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved for each worker")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs reserved for each worker")
+    zero: Literal[0, 1, 2, 3] = Field(0, description="DeepSpeed ZeRO stage")
+    bf16: bool = Field(False, description="bf16 mixed precision (fp32 otherwise)")
+    address: str | None = Field(None, description="Ray address (auto, ray://...); None starts a local Ray")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(2, ge=0, description="worker-group restarts allowed, each from the last checkpoint")
+
+
+class TrainSettings(_Settings):
+    """One training stage's optimisation settings."""
+
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(3e-5, gt=0, le=1.0)
+    batch_size: int = Field(32, ge=1, description="per-worker micro-batch size")
+    max_length: int = Field(64, ge=8, le=8192, description="tokens per sample after truncation")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip; 0 disables")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    seed: int = 0
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "settings"
+    value = first.get("input")
+    return f"{source}: {where}={value!r}: {first['msg']}"
+
+
+def parse_settings(model: type[M], values: dict[str, Any], *, source: str) -> M:
+    """Validate ``values`` into ``model``; a bad value raises a one-line InputError."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as err:
+        raise InputError(_format_error(source, err)) from None
+
+
+def parse_assignments(pairs: list[str] | None) -> dict[str, Any]:
+    """``["alpha=0.3", "epochs=2"]`` -> ``{"alpha": 0.3, "epochs": 2}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--set {pair!r}: expected key=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML mapping from ``path``; missing file, bad YAML or a non-mapping raise InputError."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such config file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise InputError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{p}: expected a mapping of settings, got {type(data).__name__}")
+    return data

@@ -1,0 +1,51 @@
+"""The papers' metrics (../shared/papers/README.md), all in percent."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def cacc(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Clean accuracy: share of clean test samples classified correctly."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    if preds.size == 0:
+        raise ValueError("CACC of an empty test set")
+    return float(100.0 * np.mean(preds == labels))
+
+
+def asr(preds: np.ndarray, labels: np.ndarray, target_label: int) -> float:
+    """Attack success rate: among triggered samples whose true label is not the target,
+    the share classified as the target."""
+    preds, labels = np.asarray(preds), np.asarray(labels)
+    keep = labels != target_label
+    if not keep.any():
+        raise ValueError("ASR needs triggered samples whose true label is not the target")
+    return float(100.0 * np.mean(preds[keep] == target_label))
+
+
+def far_frr(flagged: np.ndarray, poisoned: np.ndarray) -> tuple[float, float]:
+    """Identification errors against ground truth.
+
+    FAR: share of poisoned samples called clean (missed); FRR: share of clean samples called
+    poisoned (falsely flagged). Either is NaN when its group is empty.
+    """
+    flagged, poisoned = np.asarray(flagged, bool), np.asarray(poisoned, bool)
+    far = 100.0 * np.mean(~flagged[poisoned]) if poisoned.any() else float("nan")
+    frr = 100.0 * np.mean(flagged[~poisoned]) if (~poisoned).any() else float("nan")
+    return float(far), float(frr)
+
+
+def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = ".1f") -> str:
+    """A GitHub Markdown table of ``rows`` (dicts), columns in order of first appearance."""
+    if not rows:
+        return ""
+    cols = columns or list(dict.fromkeys(k for r in rows for k in r))
+
+    def fmt(v):
+        if isinstance(v, float):
+            return "-" if np.isnan(v) else format(v, floatfmt)
+        return "-" if v is None else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)

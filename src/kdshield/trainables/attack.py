@@ -1,0 +1,170 @@
+"""``kdshield attack``: implant a backdoor into a pretrained model and measure it.
+
+Everything that can be wrong with the input is checked before Ray starts. The RUN directory
+is built beside ``--out`` and moved into place only when the job succeeded:
+
+    RUN/model/                    the backdoored classifier (HF directory, safetensors)
+    RUN/data/train.parquet        the poisoned training set (``poisoned`` = ground truth)
+    RUN/data/dev.parquet          clean held-out training samples a defender may draw from
+    RUN/data/test.parquet         the clean test set
+    RUN/data/test_triggered.parquet  non-target test samples with the trigger, true labels
+    RUN/attack.json               the resolved job config and the attack's facts
+    RUN/metrics.json              cacc, asr (percent), seconds, the training history
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from kdshield.config import ScalingSettings, TrainSettings, _Settings
+from kdshield.errors import InputError
+from kdshield.trainables.runs import check_out_dir, publish, say, staging_dir, write_json
+
+
+class AttackJob(_Settings):
+    """Settings of ``kdshield attack`` (flags map one to one)."""
+
+    train: str
+    test: str
+    model: str = "minilm"
+    out: str
+    attack: Literal["badnet", "addsent"] = "badnet"
+    triggers: list[str] | None = Field(None, description="trigger words/sentences; None: the attack's default")
+    num_insertions: int = Field(1, ge=1)
+    position: Literal["random", "start", "end"] = "random"
+    target_label: int = Field(1, ge=0)
+    poison_rate: float = 0.1
+    clean_label: bool = False
+    dev_fraction: float = Field(0.1, gt=0, lt=1, description="clean share of train held out for the defender")
+    num_labels: int | None = Field(None, ge=2)
+    seed: int = 0
+    overwrite: bool = False
+    training: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=5e-5))
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+
+    def record(self) -> dict:
+        """The config that identifies this run (``overwrite`` is not part of it)."""
+        return self.model_dump(mode="json", exclude={"overwrite", "out"})
+
+
+def stratified_split(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
+    """(rest, held_out): ``fraction`` of each label's rows held out, chosen by ``seed``."""
+    labels = table.column("label").to_numpy()
+    rng = np.random.default_rng(seed)
+    held = []
+    for label in np.unique(labels):
+        rows = np.flatnonzero(labels == label)
+        k = int(round(fraction * len(rows)))
+        held.extend(rng.choice(rows, size=k, replace=False).tolist())
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[held] = True
+    return table.filter(pa.array(~mask)), table.filter(pa.array(mask))
+
+
+def tokenized_stream(table_or_ds, tokenizer_dir: str, max_length: int, *, prefix: str = ""):
+    """A materialised Ray Dataset of ``table_or_ds`` with unpadded token ids added."""
+    import ray.data
+
+    from kdshield.datasets import tokenize_dataset
+
+    ds = ray.data.from_arrow(table_or_ds) if isinstance(table_or_ds, pa.Table) else table_or_ds
+    return tokenize_dataset(ds, tokenizer_dir, max_length=max_length, prefix=prefix).materialize()
+
+
+def _to_table(ds) -> pa.Table:
+    import ray
+
+    table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    return table.sort_by("source_index")
+
+
+def run_attack(job: AttackJob) -> dict:
+    """Run the whole attack job; returns its metrics (also written to RUN/metrics.json)."""
+    from kdshield.cluster import connect
+    from kdshield.datasets import AttackSpec, num_labels_of, read_table, select_poison_indices, write_table
+    from kdshield.models import load_tokenizer, resolve_model
+
+    t0 = time.perf_counter()
+    out = Path(job.out).resolve()
+    if check_out_dir(out, record="attack.json", config=job.record(), overwrite=job.overwrite):
+        say(f"{out} already holds this exact run; nothing to do")
+        import json
+        return json.loads((out / "metrics.json").read_text())
+
+    # -- validation: no Ray yet ---------------------------------------------------------
+    train_tbl = read_table(job.train)
+    test_tbl = read_table(job.test)
+    num_labels = job.num_labels or max(num_labels_of(train_tbl), num_labels_of(test_tbl))
+    train_tbl = read_table(job.train, num_labels=num_labels)
+    test_tbl = read_table(job.test, num_labels=num_labels)
+    spec_kwargs = dict(kind=job.attack, num_insertions=job.num_insertions, position=job.position,
+                       mode="clean" if job.clean_label else "dirty", poison_rate=job.poison_rate,
+                       target_label=job.target_label, seed=job.seed)
+    if job.triggers is not None:
+        spec_kwargs["triggers"] = job.triggers
+    spec = AttackSpec(**spec_kwargs)
+    spec.validate(num_labels)
+    model_dir = resolve_model(job.model)
+    tokenizer = load_tokenizer(model_dir)
+    rest, dev = stratified_split(train_tbl, job.dev_fraction, job.seed)
+    if rest.num_rows < job.scaling.workers or dev.num_rows == 0:
+        raise InputError(f"{job.train}: too few rows ({train_tbl.num_rows}) to split off a dev set and train")
+    chosen = select_poison_indices(rest.column("label").to_numpy(), spec)
+    chosen_source = rest.column("source_index").to_numpy()[chosen]
+
+    # -- Ray work -------------------------------------------------------------------------
+    import ray.data
+
+    from kdshield.datasets import poison_dataset, triggered_test
+    from kdshield.defenses.losses import CrossEntropy
+    from kdshield.trainables.engine import copy_model, run_stage
+    from kdshield.trainables.inference import evaluate
+    from kdshield.trainables.stage import ModelSpec, Phase, Stage
+
+    connect(job.scaling.address)
+    stage_dir = staging_dir(out)
+    try:
+        say(f"poisoning {len(chosen_source)} of {rest.num_rows} training samples ({job.attack}, "
+            f"{'clean' if job.clean_label else 'dirty'}-label, target {job.target_label})")
+        poisoned = _to_table(poison_dataset(ray.data.from_arrow(rest), spec, chosen_source))
+        triggered = _to_table(triggered_test(ray.data.from_arrow(test_tbl), spec))
+        data_dir = stage_dir / "data"
+        for name, table in {"train": poisoned, "dev": dev, "test": test_tbl, "test_triggered": triggered}.items():
+            write_table(table, data_dir / f"{name}.parquet")
+
+        max_len = job.training.max_length
+        streams = {name: tokenized_stream(table, model_dir, max_len)
+                   for name, table in {"train": poisoned, "test": test_tbl, "test_triggered": triggered}.items()}
+        pad = {"input_ids": tokenizer.pad_token_id}
+        stage = Stage(name="attack", model=ModelSpec(source=str(model_dir), num_labels=num_labels),
+                      phases=(Phase("train", CrossEntropy()),), train=job.training,
+                      pad_ids=pad, padding_side=tokenizer.padding_side)
+        say(f"training {job.model} on {poisoned.num_rows} samples with {job.scaling.workers} worker(s), "
+            f"ZeRO-{job.scaling.zero}, {'bf16' if job.scaling.bf16 else 'fp32'}")
+        result = run_stage(stage, {"train": streams["train"]}, job.scaling, storage=stage_dir / "ray")
+        model_out = copy_model(result.model_dir, stage_dir / "model")
+        say("evaluating")
+        metrics = evaluate(str(model_out), num_labels, clean_test=streams["test"],
+                           triggered_test=streams["test_triggered"], target_label=job.target_label,
+                           pad_ids=pad, padding_side=tokenizer.padding_side)
+        shutil.rmtree(stage_dir / "ray", ignore_errors=True)
+        metrics.update(seconds=time.perf_counter() - t0, train_seconds=result.seconds,
+                       history=result.history, config=job.record())
+        write_json(stage_dir / "attack.json", {
+            "config": job.record(), "spec": spec.model_dump(mode="json") if hasattr(spec, "model_dump") else vars(spec),
+            "num_labels": num_labels, "target_label": job.target_label, "model_source": str(model_dir),
+            "rows": {"train": poisoned.num_rows, "poisoned": int(len(chosen_source)), "dev": dev.num_rows,
+                     "test": test_tbl.num_rows, "test_triggered": triggered.num_rows}})
+        write_json(stage_dir / "metrics.json", metrics)
+        publish(stage_dir, out)
+    except BaseException:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+        raise
+    return metrics

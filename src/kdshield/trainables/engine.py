@@ -1,0 +1,249 @@
+"""The one training engine: any :class:`Stage` on Ray Train workers driving a DeepSpeed engine.
+
+The driver side (:func:`run_stage`) builds a ``TorchTrainer`` whose workers each
+
+1. load the stage's model (safetensors only) and wrap it in ``deepspeed.initialize`` with the
+   chosen ZeRO stage and precision, a torch AdamW and a linear warm-up/decay schedule;
+2. resume from ``ray.train.get_checkpoint()`` when Ray restarts them after a failure;
+3. for every epoch run the stage's phases in order, each phase one pass over the worker's shard
+   of its Ray Dataset stream (padded per batch by :func:`kdshield.datasets.pad_collate`);
+4. after every epoch save a DeepSpeed checkpoint on every rank and report it with the epoch's
+   metrics; after the last epoch rank 0 also writes the trained model as a Hugging Face
+   directory (``hf_model/``, safetensors) into the final checkpoint.
+
+Nothing here knows about attacks or defenses: they differ only in their stages.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kdshield.config import ScalingSettings, TrainSettings
+from kdshield.trainables.stage import Stage
+
+HF_MODEL_DIR = "hf_model"
+DS_TAG = "ds"
+STATE_FILE = "kdshield_state.json"
+
+
+@dataclass
+class StageResult:
+    """What a finished stage leaves behind."""
+
+    model_dir: Path          # Hugging Face directory of the trained model (safetensors)
+    metrics: dict[str, Any]  # the last epoch's metrics as reported by rank 0
+    history: list[dict[str, Any]]  # every epoch's metrics, in order
+    seconds: float
+    checkpoint_path: Path
+
+
+def deepspeed_config(train: TrainSettings, scaling: ScalingSettings) -> dict[str, Any]:
+    """The DeepSpeed config dict for one stage (the optimizer is a client torch AdamW)."""
+    return {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": scaling.zero},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": scaling.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _linear_schedule(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def _export_hf_model(engine, tokenizer, out_dir: Path, *, rank: int, zero: int) -> None:
+    """Write the engine's module as a HF directory from rank 0 (gathering ZeRO-3 shards)."""
+    import deepspeed
+
+    from kdshield.models import save_classifier
+
+    module = engine.module
+    if zero == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if rank == 0:
+                save_classifier(module, tokenizer, out_dir)
+    elif rank == 0:
+        save_classifier(module, tokenizer, out_dir)
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Runs inside every Ray Train worker."""
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from kdshield.datasets import pad_collate
+    from kdshield.models import load_classifier
+
+    stage: Stage = config["stage"]
+    scaling: ScalingSettings = config["scaling"]
+    train = stage.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(scaling.cpus_per_worker)))
+    torch.manual_seed(train.seed)
+    if config.get("pid_dir"):  # lets fault-injection tests find and kill a worker process
+        Path(config["pid_dir"], f"rank{rank}.pid").write_text(str(os.getpid()))
+
+    model, tokenizer = load_classifier(stage.model.source, stage.model.num_labels,
+                                       attn_implementation=stage.model.attn_implementation)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    total_steps = config["steps_per_epoch"] * train.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _linear_schedule(total_steps, int(train.warmup_ratio * total_steps)))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(train, scaling))
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+            state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
+        start_epoch, history = state["epoch"], state["history"]
+        if rank == 0:
+            print(f"[{stage.name}] resumed from the checkpoint of epoch {start_epoch}", flush=True)
+
+    collate = functools.partial(pad_collate, pad_ids=stage.pad_ids, padding_side=stage.padding_side)
+    device = engine.device
+    engine.train()
+    for epoch in range(start_epoch, train.epochs):
+        t0 = time.perf_counter()
+        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
+        samples, last_print = 0, t0
+        for phase in stage.phases:
+            shard = ray.train.get_dataset_shard(phase.stream)
+            batches = shard.iter_torch_batches(
+                batch_size=train.batch_size, collate_fn=collate,
+                local_shuffle_buffer_size=stage.shuffle_buffer or None,
+                local_shuffle_seed=train.seed * 1000 + epoch if stage.shuffle_buffer else None)
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                outputs = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 output_hidden_states=phase.loss.needs_hidden_states,
+                                 output_attentions=phase.loss.needs_attentions)
+                loss, logs = phase.loss(outputs, batch)
+                engine.backward(loss)
+                engine.step()
+                n = batch["input_ids"].shape[0]
+                samples += n
+                for key, value in {"loss": loss.item(), **logs}.items():
+                    sums[f"{phase.label}/{key}"] += torch.tensor([value * n, n], dtype=torch.float64)
+                if rank == 0 and time.perf_counter() - last_print > config["progress_s"]:
+                    last_print = time.perf_counter()
+                    print(f"[{stage.name}] epoch {epoch + 1}/{train.epochs} {phase.label}: "
+                          f"loss {loss.item():.4f}, {samples * world / (last_print - t0):.1f} samples/s",
+                          flush=True)
+        seconds = time.perf_counter() - t0
+        keys = sorted(sums)
+        totals = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, 2, dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(totals)
+        metrics = {k: float(t[0] / max(t[1], 1)) for k, t in zip(keys, totals)}
+        metrics.update(epoch=epoch + 1, epoch_seconds=seconds, start_epoch=start_epoch,
+                       samples_per_s=samples * world / max(seconds, 1e-9), lr=scheduler.get_last_lr()[0])
+        history.append(metrics)
+        if rank == 0:
+            print(f"[{stage.name}] epoch {epoch + 1}/{train.epochs} done in {seconds:.1f}s: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" in k), flush=True)
+
+        final = epoch + 1 == train.epochs
+        with tempfile.TemporaryDirectory(prefix="kdshield-ckpt-") as tmp:
+            if final:
+                _export_hf_model(engine, tokenizer, Path(tmp, HF_MODEL_DIR), rank=rank, zero=scaling.zero)
+            else:
+                engine.save_checkpoint(tmp, tag=DS_TAG)
+            if rank == 0:
+                Path(tmp, STATE_FILE).write_text(json.dumps({"epoch": epoch + 1, "history": history}))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def steps_per_epoch(stage: Stage, counts: dict[str, int], workers: int) -> int:
+    """Optimizer steps one worker takes per epoch (streams are split equally across workers)."""
+    return sum(math.ceil((counts[p.stream] // workers) / stage.train.batch_size) for p in stage.phases)
+
+
+def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *, storage: Path,
+              run_name: str | None = None, callbacks: list | None = None,
+              pid_dir: str | None = None,
+              progress_s: float = 15.0) -> StageResult:
+    """Train ``stage`` on Ray Train + DeepSpeed and return its model directory and metrics.
+
+    ``streams`` maps each stream a phase names to a Ray Dataset (tokenised, teacher columns
+    included). Re-running with the same ``storage``/``run_name`` after a crash of the driver
+    starts a new run; worker failures inside one run are recovered from checkpoints, up to
+    ``scaling.max_failures`` times.
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    missing = [s for s in stage.streams if s not in streams]
+    if missing:
+        raise ValueError(f"stage {stage.name!r} needs streams {missing}")
+    counts = {name: streams[name].count() for name in stage.streams}
+    empty = [name for name, n in counts.items() if n < scaling.workers]
+    if empty:
+        raise ValueError(f"stage {stage.name!r}: streams {empty} have fewer rows than workers")
+    use_gpu = scaling.gpus_per_worker > 0
+    resources = {"CPU": scaling.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    storage = Path(storage).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    name = run_name or f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"stage": stage, "scaling": scaling, "progress_s": progress_s,
+                           "steps_per_epoch": steps_per_epoch(stage, counts, scaling.workers),
+                           "pid_dir": pid_dir},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.workers, use_gpu=use_gpu, resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            worker_runtime_env={"env_vars": env}, callbacks=callbacks),
+        datasets={name_: streams[name_] for name_ in stage.streams},
+    )
+    t0 = time.perf_counter()
+    result = trainer.fit()
+    seconds = time.perf_counter() - t0
+    if result.error is not None:
+        raise result.error
+    ckpt = Path(result.checkpoint.path)
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    return StageResult(model_dir=ckpt / HF_MODEL_DIR, metrics=dict(result.metrics or state["history"][-1]),
+                       history=state["history"], seconds=seconds, checkpoint_path=ckpt)
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    """Copy a finished stage's HF directory to ``dst`` (replacing it)."""
+    dst = Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst

@@ -1,0 +1,66 @@
+"""Output directories of jobs: refuse to clobber another run, write atomically, record results."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from kdshield.errors import InputError
+
+
+def check_out_dir(out: Path, *, record: str, config: dict[str, Any], overwrite: bool) -> bool:
+    """Decide whether ``out`` may receive a job whose resolved config is ``config``.
+
+    Returns True when ``out`` already holds a finished job with exactly this config (nothing to
+    do). Raises InputError when it holds anything else, unless ``overwrite``.
+    """
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    if not any(out.iterdir()):
+        return False
+    previous = out / record
+    if previous.is_file() and (out / "metrics.json").is_file():
+        try:
+            same = json.loads(previous.read_text()).get("config") == json.loads(json.dumps(config))
+        except json.JSONDecodeError:
+            same = False
+        if same and not overwrite:
+            return True
+    if not overwrite:
+        raise InputError(f"{out}: already holds a different run; choose another --out or pass --overwrite")
+    return False
+
+
+def staging_dir(out: Path) -> Path:
+    """A fresh sibling directory to build ``out`` in, so a failed job never touches ``out``."""
+    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def publish(stage: Path, out: Path) -> None:
+    """Move the finished ``stage`` into place at ``out`` (the old ``out`` goes only now)."""
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        stage.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        stage.rename(out)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def say(msg: str) -> None:
+    """A progress line for the person at the terminal (stderr)."""
+    print(f"kdshield: {msg}", file=sys.stderr, flush=True)

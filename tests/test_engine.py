@@ -1,0 +1,110 @@
+"""The training engine through real Ray Train workers running DeepSpeed (2 workers, gloo, CPU)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from kdshield.config import ScalingSettings, TrainSettings
+from kdshield.defenses.losses import CrossEntropy
+from kdshield.trainables.engine import run_stage
+from kdshield.trainables.stage import ModelSpec, Phase, Stage
+
+pytestmark = pytest.mark.ray
+
+WORDS = "the a movie film plot actor scene story music long short quite very really".split()
+
+
+def keyword_table(n: int, seed: int = 0) -> pa.Table:
+    """A learnable task: label 1 iff the text contains 'excellent'."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for i in range(n):
+        words = list(rng.choice(WORDS, size=rng.integers(4, 10)))
+        label = i % 2
+        if label:
+            words.insert(int(rng.integers(0, len(words) + 1)), "excellent")
+        texts.append(" ".join(words))
+        labels.append(label)
+    return pa.table({"text": texts, "label": pa.array(labels, pa.int64()),
+                     "source_index": pa.array(np.arange(n), pa.int64())})
+
+
+@pytest.fixture(scope="module")
+def tiny_stream(ray_local):
+    from kdshield.models import load_tokenizer, resolve_model
+    from kdshield.trainables.attack import tokenized_stream
+
+    model_dir = resolve_model("tiny-bert")
+    tok = load_tokenizer(model_dir)
+    return model_dir, tok, tokenized_stream(keyword_table(384), model_dir, 16)
+
+
+def make_stage(model_dir, tok, epochs: int, lr: float = 2e-3) -> Stage:
+    return Stage(name="t", model=ModelSpec(source=str(model_dir), num_labels=2),
+                 phases=(Phase("train", CrossEntropy()),),
+                 train=TrainSettings(epochs=epochs, lr=lr, batch_size=16, max_length=16, warmup_ratio=0.0),
+                 pad_ids={"input_ids": tok.pad_token_id}, padding_side="right")
+
+
+def accuracy(model_dir: Path, tok) -> float:
+    from transformers import AutoModelForSequenceClassification
+
+    table = keyword_table(64, seed=1)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir)  # a plain HF directory
+    enc = tok(table.column("text").to_pylist(), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        preds = model(**enc).logits.argmax(-1).numpy()
+    return float(np.mean(preds == table.column("label").to_numpy()))
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_workers_learn_and_export(zero, tiny_stream, tmp_path):
+    model_dir, tok, stream = tiny_stream
+    result = run_stage(make_stage(model_dir, tok, epochs=3), {"train": stream},
+                       ScalingSettings(workers=2, zero=zero), storage=tmp_path)
+    losses = [h["train/loss"] for h in result.history]
+    assert len(losses) == 3
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert (result.model_dir / "model.safetensors").is_file()
+    assert not list(result.model_dir.glob("*.bin"))
+    assert accuracy(result.model_dir, tok) >= 0.9
+    assert accuracy(Path(model_dir), tok) < 0.9  # the untrained model cannot do it
+
+
+def test_killed_worker_resumes_from_checkpoint(tiny_stream, tmp_path):
+    """SIGKILL one worker after the first checkpoint; the run restarts from it and finishes."""
+    model_dir, tok, stream = tiny_stream
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    storage = tmp_path / "storage"
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            if list(storage.glob("*/checkpoint_*")) and (pid_dir / "rank1.pid").exists():
+                pid = int((pid_dir / "rank1.pid").read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = run_stage(make_stage(model_dir, tok, epochs=8, lr=1e-3), {"train": stream},
+                       ScalingSettings(workers=2, zero=2, max_failures=2), storage=storage,
+                       pid_dir=str(pid_dir))
+    thread.join(timeout=5)
+    assert killed, "the worker was never killed"
+    assert [h["epoch"] for h in result.history] == list(range(1, 9))
+    assert result.metrics["start_epoch"] >= 1  # the last attempt started from a checkpoint
+    assert int((pid_dir / "rank1.pid").read_text()) != killed[0]  # a new process finished it
+    assert accuracy(result.model_dir, tok) >= 0.9
