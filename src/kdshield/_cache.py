@@ -135,6 +135,7 @@ def materialize(name: str, build: Callable[[Path], None]) -> Path:
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a shared cache must stay readable
         try:
             build(tmp)
             (tmp / _COMPLETE).write_text("ok\n")
