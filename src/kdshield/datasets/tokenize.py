@@ -1,0 +1,159 @@
+"""Tokenisation inside the Ray Data pipeline, and dynamic padding at batch time.
+
+:func:`tokenize_dataset` adds an *unpadded* ``{prefix}input_ids`` column (``list<int32>``,
+truncated to ``max_length``, special tokens included), so one stream can carry several
+tokenisations of the same text row by row (``input_ids`` for the student,
+``teacher_input_ids`` for a teacher with another vocabulary). :func:`pad_collate` pads
+each ``*input_ids`` column to the longest sequence of *its batch* when the training loop
+iterates::
+
+    shard.iter_torch_batches(batch_size=32, collate_fn=functools.partial(
+        pad_collate, pad_ids={"input_ids": 1, "teacher_input_ids": 0}))
+
+or, without Ray's deprecation warning for plain functions,
+``collate_fn=kdshield.datasets.PadCollate({"input_ids": 1, "teacher_input_ids": 0})``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from kdshield.datasets.schema import TEXT
+from kdshield.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
+    from ray.data import Dataset
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+
+
+def load_tokenizer(tokenizer_path: str):
+    """``AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=False)``, with an
+    :class:`InputError` naming the path when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError(f"tokenizer {tokenizer_path}: cannot be loaded: {first}") from None
+
+
+class _Tokenize:
+    """Ray Data callable class: one tokenizer per actor, appends ``{prefix}input_ids``."""
+
+    def __init__(self, tokenizer_path: str, max_length: int, prefix: str):
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.max_length, self.column = max_length, f"{prefix}{INPUT_IDS}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = batch[TEXT].to_pylist()
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length,
+                             padding=False)[INPUT_IDS] if texts else []
+        column = pa.array(ids, pa.list_(pa.int32()))
+        if self.column in batch.column_names:
+            return batch.set_column(batch.schema.get_field_index(self.column), self.column,
+                                    column)
+        return batch.append_column(self.column, column)
+
+
+def tokenize_dataset(ds: Dataset, tokenizer_path: str, *, max_length: int = 128, prefix: str = "",
+                     batch_size: int = 256, concurrency: int = 1,
+                     num_cpus: float = 1.0) -> Dataset:
+    """``ds`` plus an unpadded ``{prefix}input_ids`` column (``list<int32>``, at most
+    ``max_length`` ids, special tokens included), computed by ``concurrency`` actors that
+    each load the tokenizer once. The tokenizer is loaded once on the driver first, so a
+    bad path fails with :class:`InputError` before any Ray work. Lower ``num_cpus`` when
+    training workers already hold every CPU.
+    """
+    if max_length < 1:
+        raise InputError(f"max_length must be >= 1, got {max_length}")
+    load_tokenizer(tokenizer_path)
+    return ds.map_batches(
+        _Tokenize, batch_format="pyarrow", batch_size=batch_size, concurrency=concurrency,
+        num_cpus=num_cpus, fn_constructor_kwargs={
+            "tokenizer_path": str(tokenizer_path), "max_length": max_length, "prefix": prefix})
+
+
+def _sequences(values) -> list[np.ndarray]:
+    """A batch column of variable-length id lists as a list of 1-D arrays. Ray hands such
+    columns to a collate_fn as a 1-D object array of arrays (or a 2-D array when every
+    row has the same length)."""
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        return list(np.atleast_2d(values))
+    return [np.asarray(v).reshape(-1) for v in values]
+
+
+def _pad(seqs: list[np.ndarray], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
+    longest = max((s.size for s in seqs), default=0)
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        n = seq.size
+        if n == 0:
+            continue
+        cols = slice(longest - n, longest) if side == "left" else slice(0, n)
+        ids[row, cols] = torch.from_numpy(seq.astype(np.int64))
+        mask[row, cols] = 1
+    return ids, mask
+
+
+def _is_text(values: np.ndarray) -> bool:
+    if values.dtype.kind in "US":
+        return True
+    return values.dtype == object and len(values) > 0 and isinstance(values[0], (str, bytes))
+
+
+def _to_tensor(values: np.ndarray) -> torch.Tensor:
+    import torch
+
+    if values.dtype == object:  # fixed-size lists (cached teacher outputs) arrive as arrays
+        values = np.stack([np.asarray(v) for v in values])
+    tensor = torch.from_numpy(np.array(values, copy=True))  # Ray's arrays are read-only
+    return tensor.float() if tensor.is_floating_point() else tensor
+
+
+def pad_collate(batch: Mapping[str, np.ndarray], *, pad_ids: Mapping[str, int],
+                padding_side: Mapping[str, str] | str = "right") -> dict[str, torch.Tensor]:
+    """Collate a numpy batch from ``iter_torch_batches`` into tensors, padding dynamically.
+
+    * every ``*input_ids`` column (B rows of lengths l_i) -> LongTensor ``(B, max l_i)``
+      filled with ``pad_ids[column]``, plus ``*attention_mask`` LongTensor ``(B, max l_i)``
+      with 1 on real tokens; ``padding_side`` ("right"/"left", or a dict per input_ids
+      column, default right) puts the padding after or before the tokens;
+    * ``label`` and other integer columns -> int64 (bool stays bool); floating columns ->
+      float32; fixed-size list columns (e.g. cached teacher logits) -> stacked
+      ``(B, ...)`` tensors;
+    * text columns and incoming ``*attention_mask`` columns are dropped.
+    """
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for name, values in batch.items():
+        if name.endswith(INPUT_IDS):
+            if name not in pad_ids:
+                raise InputError(f"pad_collate: no pad id for column '{name}'; "
+                                 f"pad_ids has {', '.join(pad_ids) or 'none'}")
+            side = padding_side if isinstance(padding_side, str) else padding_side.get(
+                name, "right")
+            if side not in ("left", "right"):
+                raise InputError(f"pad_collate: padding_side for '{name}' must be "
+                                 f"'left' or 'right', got {side!r}")
+            ids, mask = _pad(_sequences(values), int(pad_ids[name]), side)
+            out[name] = ids
+            out[name[: -len(INPUT_IDS)] + ATTENTION_MASK] = mask
+        elif name.endswith(ATTENTION_MASK) or _is_text(np.asarray(values)):
+            continue
+        else:
+            tensor = _to_tensor(np.asarray(values))
+            out[name] = tensor.long() if tensor.dtype in (torch.int8, torch.int16, torch.int32,
+                                                          torch.uint8) else tensor
+    return out
