@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from kdshield.config import ScalingSettings, TrainSettings, load_yaml, parse_assignments, parse_settings
+from kdshield.config import load_yaml, parse_assignments, parse_settings
 from kdshield.errors import InputError
 
 

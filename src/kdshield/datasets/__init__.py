@@ -38,12 +38,12 @@ from kdshield.datasets.schema import (
     num_labels_of,
 )
 from kdshield.datasets.sources import read_dataset, read_table, write_table
-from kdshield.datasets.tokenize import load_tokenizer, pad_collate, tokenize_dataset
+from kdshield.datasets.tokenize import pad_collate, tokenize_dataset
 
 __all__ = [
     "CORPORA", "DEFAULT_TRIGGERS", "LABEL", "POISONED", "SCHEMA", "SOURCE_INDEX", "TEXT",
     "AttackSpec", "Corpus", "build_corpus", "get_corpus", "insert_trigger", "label_names",
-    "load_corpus", "load_tokenizer", "normalize_batch", "normalize_table", "num_labels_of",
+    "load_corpus", "normalize_batch", "normalize_table", "num_labels_of",
     "pad_collate", "poison_count", "poison_dataset", "poison_table", "read_dataset",
     "read_table", "select_poison_indices", "stratified_split", "tokenize_dataset",
     "triggered_test", "write_table", "PadCollate",

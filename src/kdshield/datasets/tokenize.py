@@ -33,22 +33,12 @@ INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 
 
-def load_tokenizer(tokenizer_path: str):
-    """``AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=False)``, with an
-    :class:`InputError` naming the path when it cannot be loaded."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(tokenizer_path), trust_remote_code=False)
-    except (OSError, ValueError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise InputError(f"tokenizer {tokenizer_path}: cannot be loaded: {first}") from None
-
-
 class _Tokenize:
     """Ray Data callable class: one tokenizer per actor, appends ``{prefix}input_ids``."""
 
     def __init__(self, tokenizer_path: str, max_length: int, prefix: str):
+        from kdshield.models import load_tokenizer
+
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.max_length, self.column = max_length, f"{prefix}{INPUT_IDS}"
 
@@ -72,6 +62,8 @@ def tokenize_dataset(ds: Dataset, tokenizer_path: str, *, max_length: int = 128,
     bad path fails with :class:`InputError` before any Ray work. Lower ``num_cpus`` when
     training workers already hold every CPU.
     """
+    from kdshield.models import load_tokenizer
+
     if max_length < 1:
         raise InputError(f"max_length must be >= 1, got {max_length}")
     load_tokenizer(tokenizer_path)

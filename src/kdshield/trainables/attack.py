@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
@@ -54,20 +53,6 @@ class AttackJob(_Settings):
         return self.model_dump(mode="json", exclude={"overwrite", "out"})
 
 
-def stratified_split(table: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
-    """(rest, held_out): ``fraction`` of each label's rows held out, chosen by ``seed``."""
-    labels = table.column("label").to_numpy()
-    rng = np.random.default_rng(seed)
-    held = []
-    for label in np.unique(labels):
-        rows = np.flatnonzero(labels == label)
-        k = int(round(fraction * len(rows)))
-        held.extend(rng.choice(rows, size=k, replace=False).tolist())
-    mask = np.zeros(len(labels), dtype=bool)
-    mask[held] = True
-    return table.filter(pa.array(~mask)), table.filter(pa.array(mask))
-
-
 def tokenized_stream(table_or_ds, tokenizer_dir: str, max_length: int, *, prefix: str = ""):
     """A materialised Ray Dataset of ``table_or_ds`` with unpadded token ids added."""
     import ray.data
@@ -88,7 +73,8 @@ def _to_table(ds) -> pa.Table:
 def run_attack(job: AttackJob) -> dict:
     """Run the whole attack job; returns its metrics (also written to RUN/metrics.json)."""
     from kdshield.cluster import connect
-    from kdshield.datasets import AttackSpec, num_labels_of, read_table, select_poison_indices, write_table
+    from kdshield.datasets import (AttackSpec, num_labels_of, read_table, select_poison_indices, stratified_split,
+                                   write_table)
     from kdshield.models import load_tokenizer, resolve_model
 
     t0 = time.perf_counter()
@@ -113,7 +99,9 @@ def run_attack(job: AttackJob) -> dict:
     spec.validate(num_labels)
     model_dir = resolve_model(job.model)
     tokenizer = load_tokenizer(model_dir)
-    rest, dev = stratified_split(train_tbl, job.dev_fraction, job.seed)
+    rest_idx, dev_idx = stratified_split(train_tbl.column("label").to_numpy(), test_fraction=job.dev_fraction,
+                                         seed=job.seed)
+    rest, dev = train_tbl.take(pa.array(rest_idx)), train_tbl.take(pa.array(dev_idx))
     if rest.num_rows < job.scaling.workers or dev.num_rows == 0:
         raise InputError(f"{job.train}: too few rows ({train_tbl.num_rows}) to split off a dev set and train")
     chosen = select_poison_indices(rest.column("label").to_numpy(), spec)

@@ -16,7 +16,6 @@ Nothing here knows about attacks or defenses: they differ only in their stages.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -92,7 +91,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from kdshield.datasets import pad_collate
+    from kdshield.datasets import PadCollate
     from kdshield.models import load_classifier
 
     stage: Stage = config["stage"]
@@ -102,8 +101,6 @@ def _train_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(scaling.cpus_per_worker)))
     torch.manual_seed(train.seed)
-    if config.get("pid_dir"):  # lets fault-injection tests find and kill a worker process
-        Path(config["pid_dir"], f"rank{rank}.pid").write_text(str(os.getpid()))
 
     model, tokenizer = load_classifier(stage.model.source, stage.model.num_labels,
                                        attn_implementation=stage.model.attn_implementation)
@@ -125,10 +122,12 @@ def _train_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[{stage.name}] resumed from the checkpoint of epoch {start_epoch}", flush=True)
 
-    collate = functools.partial(pad_collate, pad_ids=stage.pad_ids, padding_side=stage.padding_side)
+    collate = PadCollate(stage.pad_ids, stage.padding_side)
     device = engine.device
     engine.train()
     for epoch in range(start_epoch, train.epochs):
+        if config.get("pid_dir"):  # lets fault-injection tests find and kill a worker mid-run
+            Path(config["pid_dir"], f"rank{rank}.pid").write_text(f"{os.getpid()} {epoch}")
         t0 = time.perf_counter()
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
         samples, last_print = 0, t0
