@@ -14,7 +14,7 @@ def default_env() -> dict[str, str]:
     """
     import torch
 
-    env = {}
+    env = {"TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     if os.environ.get("KDSHIELD_CACHE"):
@@ -38,7 +38,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+    logging.getLogger("ray.data").setLevel(logging.WARNING if quiet else logging.INFO)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = not quiet

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
+HIDDEN_SEQ = "hidden_seq"
 
 
 class _Tokenize:
@@ -67,8 +68,11 @@ def tokenize_dataset(ds: Dataset, tokenizer_path: str, *, max_length: int = 128,
     if max_length < 1:
         raise InputError(f"max_length must be >= 1, got {max_length}")
     load_tokenizer(tokenizer_path)
+    import ray.data
+
     return ds.map_batches(
-        _Tokenize, batch_format="pyarrow", batch_size=batch_size, concurrency=concurrency,
+        _Tokenize, batch_format="pyarrow", batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=num_cpus, fn_constructor_kwargs={
             "tokenizer_path": str(tokenizer_path), "max_length": max_length, "prefix": prefix})
 
@@ -113,6 +117,58 @@ def _to_tensor(values: np.ndarray) -> torch.Tensor:
     return tensor.float() if tensor.is_floating_point() else tensor
 
 
+def _matrix(value) -> np.ndarray:
+    """One row of a ``*hidden_seq`` column as a 2-D ``[L_i, H]`` array (a row stored as a list
+    of per-token vectors may arrive as an object array of 1-D arrays)."""
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        arr = np.stack([np.asarray(v, dtype=np.float32) for v in arr]) if arr.size else \
+            np.zeros((0, 0), np.float32)
+    if arr.ndim == 1 and arr.size == 0:
+        arr = arr.reshape(0, 0)
+    return arr
+
+
+def _pad_hidden(name: str, values, lengths: list[int], longest: int,
+                side: str) -> torch.Tensor:
+    """Pad a ``*hidden_seq`` column (B rows of ``[L_i, H]`` floats) with zeros along the token
+    axis to ``longest``, on ``side``; row i must have exactly ``lengths[i]`` positions (the
+    length of its ``input_ids`` row) so each vector stays on its token."""
+    import torch
+
+    if isinstance(values, np.ndarray) and values.dtype != object and values.ndim == 3:
+        rows = list(values)
+    else:
+        rows = [_matrix(v) for v in values]
+    if len(rows) != len(lengths):
+        raise InputError(f"pad_collate: column '{name}' has {len(rows)} rows, its input_ids "
+                         f"column {len(lengths)}")
+    widths = {r.shape[1] for r in rows if r.ndim == 2 and r.shape[0] > 0}
+    if len(widths) > 1 or any(r.ndim != 2 for r in rows):
+        raise InputError(f"pad_collate: column '{name}' must hold [tokens, hidden] float "
+                         f"arrays of one hidden size, got shapes "
+                         f"{sorted({r.shape for r in rows})}")
+    width = widths.pop() if widths else 0
+    out = torch.zeros((len(rows), longest, width), dtype=torch.float32)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        if row.shape[0] != n:
+            raise InputError(f"pad_collate: row {i} of '{name}' has {row.shape[0]} positions, "
+                             f"its input_ids row {n} tokens")
+        if n == 0:
+            continue
+        cols = slice(longest - n, longest) if side == "left" else slice(0, n)
+        out[i, cols] = torch.from_numpy(np.asarray(row, dtype=np.float32))
+    return out
+
+
+def _side(padding_side: Mapping[str, str] | str, name: str) -> str:
+    side = padding_side if isinstance(padding_side, str) else padding_side.get(name, "right")
+    if side not in ("left", "right"):
+        raise InputError(f"pad_collate: padding_side for '{name}' must be "
+                         f"'left' or 'right', got {side!r}")
+    return side
+
+
 def pad_collate(batch: Mapping[str, np.ndarray], *, pad_ids: Mapping[str, int],
                 padding_side: Mapping[str, str] | str = "right") -> dict[str, torch.Tensor]:
     """Collate a numpy batch from ``iter_torch_batches`` into tensors, padding dynamically.
@@ -124,6 +180,13 @@ def pad_collate(batch: Mapping[str, np.ndarray], *, pad_ids: Mapping[str, int],
     * ``label`` and other integer columns -> int64 (bool stays bool); floating columns ->
       float32; fixed-size list columns (e.g. cached teacher logits) -> stacked
       ``(B, ...)`` tensors;
+    * every ``*hidden_seq`` column (per-token float vectors, e.g. a teacher's cached last
+      hidden states: B rows of ``[l_i, H]``, as a 1-D object array of 2-D arrays or one 3-D
+      array) -> FloatTensor ``(B, max l_i, H)``, zero-padded on the same side and to the same
+      length as its ``input_ids`` column: ``{prefix}input_ids`` for ``{prefix}hidden_seq``
+      when the batch has it (``teacher_hidden_seq`` follows ``teacher_input_ids``), else
+      ``input_ids``. Row i must have exactly as many positions as that column's row i has
+      tokens (InputError otherwise), so position j of the padded tensor is token j's vector;
     * text columns and incoming ``*attention_mask`` columns are dropped.
     """
     import torch
@@ -134,14 +197,19 @@ def pad_collate(batch: Mapping[str, np.ndarray], *, pad_ids: Mapping[str, int],
             if name not in pad_ids:
                 raise InputError(f"pad_collate: no pad id for column '{name}'; "
                                  f"pad_ids has {', '.join(pad_ids) or 'none'}")
-            side = padding_side if isinstance(padding_side, str) else padding_side.get(
-                name, "right")
-            if side not in ("left", "right"):
-                raise InputError(f"pad_collate: padding_side for '{name}' must be "
-                                 f"'left' or 'right', got {side!r}")
-            ids, mask = _pad(_sequences(values), int(pad_ids[name]), side)
+            ids, mask = _pad(_sequences(values), int(pad_ids[name]), _side(padding_side, name))
             out[name] = ids
             out[name[: -len(INPUT_IDS)] + ATTENTION_MASK] = mask
+        elif name.endswith(HIDDEN_SEQ):
+            ids_name = name[: -len(HIDDEN_SEQ)] + INPUT_IDS
+            if ids_name not in batch:
+                ids_name = INPUT_IDS
+            if ids_name not in batch:
+                raise InputError(f"pad_collate: column '{name}' needs an input_ids column to "
+                                 f"align with; the batch has {', '.join(batch) or 'none'}")
+            lengths = [int(s.size) for s in _sequences(batch[ids_name])]
+            out[name] = _pad_hidden(name, values, lengths, max(lengths, default=0),
+                                    _side(padding_side, ids_name))
         elif name.endswith(ATTENTION_MASK) or _is_text(np.asarray(values)):
             continue
         else:

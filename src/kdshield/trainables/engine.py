@@ -225,7 +225,8 @@ def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *
             name=name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            worker_runtime_env={"env_vars": env}, callbacks=callbacks),
+            worker_runtime_env={"env_vars": env}, callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets={name_: streams[name_] for name_ in stage.streams},
     )
     t0 = time.perf_counter()

@@ -71,12 +71,14 @@ def predict(ds, model_dir: str, num_labels: int, *, outputs: tuple[str, ...] = (
             padding_side: str = "right", batch_size: int = 64, concurrency: int = 1,
             cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0):
     """``ds`` (tokenised) with the model's outputs added as columns, by Ray Data actors."""
+    import ray.data
+
     return ds.map_batches(
         BatchPredictor,
         fn_constructor_kwargs={"model_dir": str(model_dir), "num_labels": num_labels, "outputs": tuple(outputs),
                                "prefix": prefix, "input_key": input_key, "pad_ids": pad_ids,
                                "padding_side": padding_side, "threads": int(cpus_per_actor)},
-        batch_size=batch_size, batch_format="numpy", concurrency=concurrency,
+        batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
 
 

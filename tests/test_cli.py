@@ -1,0 +1,109 @@
+"""The command line: every bad input fails before Ray with one line; a tiny attack end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from kdshield.cli import main
+
+
+def write(path: Path, table: pa.Table) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return str(path)
+
+
+def sentiment(n: int, offset: int = 0) -> pa.Table:
+    texts = [f"review number {i + offset} was {'great fun' if i % 2 else 'dull and slow'}" for i in range(n)]
+    return pa.table({"text": texts, "label": pa.array([i % 2 for i in range(n)], pa.int64())})
+
+
+@pytest.fixture
+def files(tmp_path):
+    return {"train": write(tmp_path / "train.parquet", sentiment(120)),
+            "test": write(tmp_path / "test.parquet", sentiment(40, offset=1000))}
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def attack_args(files, out, *extra):
+    return ["attack", "--train", files["train"], "--test", files["test"], "--model", "tiny-bert",
+            "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("make_bad, extra, expected", [
+    (lambda d, f: {**f, "train": str(d / "missing.parquet")}, [], "no such file"),
+    (lambda d, f: {**f, "train": str(_garbage(d))}, [], "garbage.parquet"),
+    (lambda d, f: {**f, "train": write(d / "nolabel.parquet", pa.table({"text": ["a", "b"]}))}, [], "label"),
+    (lambda d, f: {**f, "train": write(d / "notext.parquet", pa.table({"label": [0, 1]}))}, [], "text"),
+    (lambda d, f: {**f, "train": write(d / "floatlab.parquet", pa.table({"text": ["a", "b"], "label": [0.5, 1.0]}))},
+     [], "label"),
+    (lambda d, f: {**f, "train": write(d / "neglab.parquet", pa.table({"text": ["a", "b"], "label": [0, -1]}))},
+     [], "label"),
+    (lambda d, f: {**f, "train": write(d / "empty.parquet", sentiment(0))}, [], "empty"),
+    (lambda d, f: f, ["--trigger", " "], "trigger"),
+    (lambda d, f: f, ["--poison-rate", "0"], "poison"),
+    (lambda d, f: f, ["--poison-rate", "1.5"], "poison"),
+    (lambda d, f: f, ["--target-label", "2"], "target"),
+    (lambda d, f: f, ["--model", "no-such-model"], "no-such-model"),
+    (lambda d, f: f, ["--epochs", "0"], "epochs"),
+])
+def test_bad_input_fails_before_ray_with_one_line(make_bad, extra, expected, files, tmp_path, capsys):
+    bad = make_bad(tmp_path, files)
+    args = attack_args(bad, tmp_path / "run", *extra)
+    if "--model" in extra:
+        args.remove("--model")
+        args.remove("tiny-bert")
+    code, line = run_cli(args, capsys)
+    assert code == 2
+    assert line.startswith("kdshield: error:") and expected in line.lower()
+    assert not ray.is_initialized()
+    assert not (tmp_path / "run").exists()
+
+
+def _garbage(d: Path) -> Path:
+    p = d / "garbage.parquet"
+    p.write_bytes(b"this is not parquet at all")
+    return p
+
+
+def test_refuses_an_out_dir_holding_another_run(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    code, line = run_cli(attack_args(files, out), capsys)
+    assert code == 2 and "--overwrite" in line
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert not ray.is_initialized()
+
+
+@pytest.mark.ray
+def test_attack_end_to_end_writes_a_run(files, tmp_path, capsys, ray_local):
+    out = tmp_path / "run"
+    code = main(attack_args(files, out, "--epochs", "6", "--lr", "2e-3", "--batch-size", "8",
+                            "--poison-rate", "0.2", "--workers", "2", "--zero", "2"))
+    assert code == 0
+    for name in ("model/model.safetensors", "model/config.json", "attack.json", "metrics.json",
+                 "data/train.parquet", "data/dev.parquet", "data/test.parquet", "data/test_triggered.parquet"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    attack = json.loads((out / "attack.json").read_text())
+    train = pq.read_table(out / "data/train.parquet")
+    assert int(pa.compute.sum(train["poisoned"]).as_py()) == attack["rows"]["poisoned"] > 0
+    assert attack["rows"]["dev"] + attack["rows"]["train"] == 120
+    assert metrics["asr"] >= 90.0  # the rare-word trigger was learned
+    assert 0 <= metrics["cacc"] <= 100 and metrics["seconds"] > 0
+    # the same command again is recognised as the same finished run
+    assert main(attack_args(files, out, "--epochs", "6", "--lr", "2e-3", "--batch-size", "8",
+                            "--poison-rate", "0.2", "--workers", "2", "--zero", "2")) == 0
+    assert "nothing to do" in capsys.readouterr().err
