@@ -83,8 +83,8 @@ def test_distill_loss_is_zero_soft_at_the_teacher():
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("kwargs", [dict(alpha=-0.1, temperature=1.0),
-                                    dict(alpha=0.5, temperature=0.0)])
+@pytest.mark.parametrize("kwargs", [{"alpha": -0.1, "temperature": 1.0},
+                                    {"alpha": 0.5, "temperature": 0.0}])
 def test_distill_loss_refuses_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         DistillLoss(**kwargs)
@@ -98,7 +98,7 @@ def test_unbounded_punish_is_the_negated_trust_loss():
     punish, logs = PunishLoss(lam=0.3, temperature=2.5, mode="unbounded")(outputs, batch)
     assert punish.item() == pytest.approx(-trust.item(), rel=1e-6)
     assert punish.item() < 0
-    ce, kl, mse = _expected_terms(t=2.5)
+    ce, _, mse = _expected_terms(t=2.5)
     assert logs["ce"] == pytest.approx(ce, rel=1e-5) and logs["mse"] == pytest.approx(mse, rel=1e-5)
     (g_trust,) = torch.autograd.grad(trust, logits, retain_graph=True)
     (g_punish,) = torch.autograd.grad(punish, logits)
@@ -178,10 +178,10 @@ def test_bounded_punish_margin_moves_the_bound():
             assert loss.item() == pytest.approx(2 * math.log(3) - math.log(5), rel=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [dict(lam=2.0, temperature=1.0),
-                                    dict(lam=0.3, temperature=-1.0),
-                                    dict(lam=0.3, temperature=1.0, mode="soft"),
-                                    dict(lam=0.3, temperature=1.0, margin=0.0)])
+@pytest.mark.parametrize("kwargs", [{"lam": 2.0, "temperature": 1.0},
+                                    {"lam": 0.3, "temperature": -1.0},
+                                    {"lam": 0.3, "temperature": 1.0, "mode": "soft"},
+                                    {"lam": 0.3, "temperature": 1.0, "margin": 0.0}])
 def test_punish_loss_refuses_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         PunishLoss(**kwargs)

@@ -331,7 +331,7 @@ def calibrate_gamma(mepd_clean: np.ndarray, target_frr: float) -> float:
         raise ValueError("calibrate_gamma: clean MEPD values must be finite")
     if not 0.0 < target_frr < 1.0:
         raise ValueError(f"target_frr must be in (0, 1), got {target_frr}")
-    k = int(math.floor(target_frr * values.size + 1e-9))  # 0.29 * 100 = 28.999...
+    k = math.floor(target_frr * values.size + 1e-9)  # 0.29 * 100 = 28.999...
     return float(values[min(k, values.size - 1)])
 
 
