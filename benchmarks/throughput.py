@@ -31,7 +31,7 @@ def bare_loop(model_dir: str, texts: list[str], labels: np.ndarray, *, epochs: i
     torch.manual_seed(0)
     model, tok = load_classifier(model_dir, 2)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)  # as the engine
     ids = tok(texts, truncation=True, max_length=max_length)["input_ids"]
     rates = []
     rng = np.random.default_rng(0)

@@ -102,6 +102,34 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_defend(args: argparse.Namespace) -> int:
+    from kdshield.evaluation import markdown_table
+    from kdshield.trainables.defend import DefendJob, run_defend
+
+    top = ["method", "run", "model", "train", "clean", "test", "triggered_test", "target_label", "num_labels",
+           "out", "overwrite", "teacher_outputs"]
+    values = load_yaml(args.config) if args.config else {}
+    params = dict(values.pop("params", {}) or {})
+    params.update({k: values.pop(k) for k in list(values) if k not in top and k != "scaling"})
+    flags = _picked(args, top)
+    scaling = _picked(args, ["workers", "cpus_per_worker", "gpus_per_worker", "zero", "bf16", "address"])
+    for key, value in parse_assignments(args.set).items():
+        if key.startswith("scaling."):
+            scaling[key.split(".", 1)[1]] = value
+        else:
+            params[key] = value
+    values = _merge(values, flags)
+    values["scaling"] = _merge(values.get("scaling", {}), scaling)
+    values["params"] = params
+    job = parse_settings(DefendJob, values, source="defend")
+    metrics = run_defend(job)
+    row = {"method": job.method, "CACC %": metrics["cacc"], "ASR %": metrics.get("asr"),
+           "FAR %": metrics.get("far"), "FRR %": metrics.get("frr"), "seconds": metrics["seconds"]}
+    print(markdown_table([row]))
+    print(f"defended model written to {job.out}/model")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kdshield.demo import run_demo
 
@@ -139,6 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(attack)
     _add_scaling(attack)
     attack.set_defaults(func=cmd_attack)
+
+    defend = sub.add_parser("defend", help="remove a backdoor by distillation, write OUT")
+    defend.add_argument("--method", required=True, choices=["bedkd", "ft", "kd"])
+    defend.add_argument("--run", help="a RUN directory from `kdshield attack` (supplies model and data)")
+    defend.add_argument("--model", help="the suspect model (local HF dir, safetensors) without --run")
+    defend.add_argument("--train", help="the suspect training set")
+    defend.add_argument("--clean", help="clean samples the defender trusts")
+    defend.add_argument("--test", help="clean test set")
+    defend.add_argument("--triggered-test", help="triggered test set, for ASR")
+    defend.add_argument("--target-label", type=int, help="the attack's target label, for ASR")
+    defend.add_argument("--num-labels", type=int)
+    defend.add_argument("--teacher-outputs", choices=["cached", "live"],
+                        help="cached (default): teachers evaluated once by batch inference")
+    defend.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="a method setting, e.g. alpha=0.3, target_frr=0.05 (repeatable)")
+    defend.add_argument("--config", help="YAML job file (method, params, scaling); flags override it")
+    defend.add_argument("--out", required=True)
+    defend.add_argument("--overwrite", action="store_true", default=None)
+    _add_scaling(defend)
+    defend.set_defaults(func=cmd_defend)
 
     demo = sub.add_parser("demo", help="the whole story, small and local")
     demo.add_argument("--out", default="kdshield-demo")

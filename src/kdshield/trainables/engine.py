@@ -104,6 +104,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     model, tokenizer = load_classifier(stage.model.source, stage.model.num_labels,
                                        attn_implementation=stage.model.attn_implementation)
+    model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     total_steps = config["steps_per_epoch"] * train.epochs
@@ -122,6 +123,10 @@ def _train_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[{stage.name}] resumed from the checkpoint of epoch {start_epoch}", flush=True)
 
+    teacher = None
+    if stage.live_teacher is not None:
+        teacher, _ = load_classifier(stage.live_teacher.source, stage.live_teacher.num_labels)
+        teacher.eval().requires_grad_(False)
     collate = PadCollate(stage.pad_ids, stage.padding_side)
     device = engine.device
     engine.train()
@@ -139,6 +144,8 @@ def _train_worker(config: dict[str, Any]) -> None:
                 local_shuffle_seed=train.seed * 1000 + epoch if stage.shuffle_buffer else None)
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
+                if teacher is not None:
+                    batch.update(_teacher_columns(teacher, batch))
                 outputs = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                  output_hidden_states=phase.loss.needs_hidden_states,
                                  output_attentions=phase.loss.needs_attentions)
@@ -176,6 +183,17 @@ def _train_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 Path(tmp, STATE_FILE).write_text(json.dumps({"epoch": epoch + 1, "history": history}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _teacher_columns(teacher, batch):
+    """What batch inference would have cached for this batch, computed now."""
+    import torch
+
+    with torch.no_grad():
+        out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=True)
+    mask = batch["attention_mask"].unsqueeze(-1).to(out.hidden_states[-1].dtype)
+    return {"teacher_logits": out.logits.float(), "teacher_hidden_seq": out.hidden_states[-1].float() * mask}
 
 
 def steps_per_epoch(stage: Stage, counts: dict[str, int], workers: int) -> int:

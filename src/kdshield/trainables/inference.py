@@ -13,7 +13,7 @@ import numpy as np
 
 from kdshield.evaluation import asr, cacc
 
-OUTPUTS = ("logits", "pooled", "hidden_states")
+OUTPUTS = ("logits", "pooled", "hidden_states", "hidden_seq")
 
 
 class BatchPredictor:
@@ -21,7 +21,8 @@ class BatchPredictor:
 
     ``outputs`` chooses among ``logits`` (float32 [C]), ``pooled`` (float32 [H]: the last hidden
     state at [CLS] or at the last non-pad token) and ``hidden_states`` (float32 [layers+1, H]:
-    every layer's pooled state). Columns are prefixed with ``prefix``; ``input_key`` names the
+    every layer's pooled state) and ``hidden_seq`` (float32 [L_i, H]: the last hidden state of every
+    real token of the row, unpadded, re-padded per batch by pad_collate). Columns are prefixed with ``prefix``; ``input_key`` names the
     token-id column to read (``{input_key}`` and its padding come from pad_collate).
     """
 
@@ -52,7 +53,7 @@ class BatchPredictor:
                               padding_side=self.padding_side)
         mask_key = self.input_key.replace("input_ids", "attention_mask")
         ids, mask = tensors[self.input_key], tensors[mask_key]
-        need_hidden = any(o in self.outputs for o in ("pooled", "hidden_states"))
+        need_hidden = any(o in self.outputs for o in ("pooled", "hidden_states", "hidden_seq"))
         with torch.inference_mode():
             out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden)
         result = dict(batch)
@@ -63,6 +64,12 @@ class BatchPredictor:
         if "hidden_states" in self.outputs:
             layers = torch.stack([pool(h, mask, self.family) for h in out.hidden_states], dim=1)
             result[f"{self.prefix}hidden_states"] = layers.float().numpy()
+        if "hidden_seq" in self.outputs:
+            last, keep = out.hidden_states[-1].float(), mask.bool()
+            rows = [last[i][keep[i]].numpy() for i in range(last.shape[0])]
+            column = np.empty(len(rows), dtype=object)
+            column[:] = rows
+            result[f"{self.prefix}hidden_seq"] = column
         return result
 
 
@@ -82,23 +89,25 @@ def predict(ds, model_dir: str, num_labels: int, *, outputs: tuple[str, ...] = (
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
 
 
-def predicted_labels(ds, model_dir: str, num_labels: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """(predictions, true labels) for every row of the tokenised ``ds``, in ``source_index`` order."""
-    out = predict(ds, model_dir, num_labels, **kwargs).select_columns(["source_index", "label", "logits"])
+def predict_logits(ds, model_dir: str, num_labels: int, *, with_labels: bool = False, **kwargs):
+    """Logits [N, C] for every row of the tokenised ``ds``, in ``source_index`` order
+    (and the rows' labels [N] too with ``with_labels``)."""
+    columns = ["source_index", "logits"] + (["label"] if with_labels else [])
+    out = predict(ds, model_dir, num_labels, **kwargs).select_columns(columns)
     parts = list(out.iter_batches(batch_size=None, batch_format="numpy"))
-    index = np.concatenate([p["source_index"] for p in parts])
-    order = np.argsort(index, kind="stable")
-    preds = np.concatenate([np.asarray(p["logits"]).argmax(-1) for p in parts])[order]
-    labels = np.concatenate([p["label"] for p in parts])[order]
-    return preds, labels
+    order = np.argsort(np.concatenate([p["source_index"] for p in parts]), kind="stable")
+    logits = np.concatenate([np.asarray(p["logits"]) for p in parts])[order]
+    if not with_labels:
+        return logits
+    return logits, np.concatenate([p["label"] for p in parts])[order]
 
 
 def evaluate(model_dir: str, num_labels: int, *, clean_test, triggered_test=None,
              target_label: int | None = None, **kwargs) -> dict[str, float]:
     """``{"cacc": ..., "asr": ...}`` in percent (ASR only with a triggered test set)."""
-    preds, labels = predicted_labels(clean_test, model_dir, num_labels, **kwargs)
-    metrics = {"cacc": cacc(preds, labels)}
+    logits, labels = predict_logits(clean_test, model_dir, num_labels, with_labels=True, **kwargs)
+    metrics = {"cacc": cacc(logits.argmax(-1), labels)}
     if triggered_test is not None:
-        t_preds, t_labels = predicted_labels(triggered_test, model_dir, num_labels, **kwargs)
-        metrics["asr"] = asr(t_preds, t_labels, target_label)
+        t_logits, t_labels = predict_logits(triggered_test, model_dir, num_labels, with_labels=True, **kwargs)
+        metrics["asr"] = asr(t_logits.argmax(-1), t_labels, target_label)
     return metrics

@@ -51,6 +51,10 @@ class Stage:
     pad_ids: dict[str, int] = field(default_factory=dict)
     padding_side: str = "right"
     shuffle_buffer: int = 2048
+    live_teacher: ModelSpec | None = None
+    """Run this frozen teacher inside the loop at every step, adding ``teacher_logits`` and
+    ``teacher_hidden_seq`` to each batch. Only for measuring what caching saves: stages
+    normally read those columns precomputed by batch inference."""
 
     def __post_init__(self) -> None:
         if not self.phases:

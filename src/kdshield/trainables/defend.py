@@ -1,0 +1,309 @@
+"""``kdshield defend``: run a defense on a suspect model and measure the result.
+
+A defender holds a suspect model, its (possibly poisoned) training set, a little clean data and
+a test set; a RUN directory from ``kdshield attack`` bundles all of them plus the triggered test
+set and the ground truth that benchmarks score against. Every method here is a list of stages on
+the one engine (:func:`kdshield.trainables.engine.run_stage`); frozen teachers are evaluated
+once by batch inference and their outputs streamed with the inputs.
+
+Methods: ``bedkd`` (DMM -> identification -> AKD), and the baselines of BeDKD's Table 2:
+``ft`` (fine-tune the suspect model on the clean few-shot data) and ``kd`` (distil the suspect
+model into a copy of itself on the clean few-shot data, no punishment). All three read their
+settings from :class:`kdshield.defenses.bedkd.BeDKDConfig` (``ft`` and ``kd`` use its AKD
+fields: ``n_c``, ``akd_cycles`` as epochs, ``akd_lr``, ``lam``, ``akd_temperature``), so the
+three rows of a comparison share one budget.
+
+OUT holds ``model/`` (HF directory, safetensors), ``metrics.json`` (cacc, asr, far, frr,
+seconds per stage, the resolved config), and for BeDKD ``identification.json`` and
+``mepd.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from kdshield.config import ScalingSettings, TrainSettings, _Settings, parse_settings
+from kdshield.errors import InputError
+from kdshield.trainables.runs import check_out_dir, publish, say, staging_dir, write_json
+
+METHODS = ("bedkd", "ft", "kd")
+
+
+class DefendJob(_Settings):
+    """Settings of ``kdshield defend``; ``params`` are the method's own (validated separately)."""
+
+    method: Literal["bedkd", "ft", "kd"]
+    run: str | None = Field(None, description="a RUN directory of `kdshield attack` (supplies all inputs)")
+    model: str | None = Field(None, description="the suspect model: local HF dir (safetensors) or hub id")
+    train: str | None = Field(None, description="the suspect (possibly poisoned) training set")
+    clean: str | None = Field(None, description="clean samples the defender trusts")
+    test: str | None = Field(None, description="clean test set")
+    triggered_test: str | None = Field(None, description="triggered test set (for ASR), if known")
+    target_label: int | None = Field(None, ge=0, description="the attack's target label (for ASR)")
+    num_labels: int | None = Field(None, ge=2)
+    out: str
+    overwrite: bool = False
+    teacher_outputs: Literal["cached", "live"] = Field(
+        "cached", description="cached: teacher outputs precomputed once by batch inference; live: the "
+                              "teacher runs at every step (only to measure what caching saves)")
+    params: dict[str, Any] = Field(default_factory=dict)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+
+    def record(self) -> dict:
+        return self.model_dump(mode="json", exclude={"overwrite", "out"})
+
+
+@dataclass
+class Inputs:
+    """Resolved, validated inputs of a defense."""
+
+    model_dir: str
+    train: pa.Table
+    clean: pa.Table
+    test: pa.Table
+    triggered: pa.Table | None
+    target_label: int | None
+    num_labels: int
+
+
+def method_config(job: DefendJob):
+    from kdshield.defenses.bedkd import BeDKDConfig
+
+    return parse_settings(BeDKDConfig, job.params, source=f"{job.method} settings")
+
+
+def resolve_inputs(job: DefendJob) -> Inputs:
+    """Read and validate every input (pyarrow only, no Ray); explicit flags override the RUN's."""
+    from kdshield.datasets import num_labels_of, read_table
+    from kdshield.models import resolve_model
+
+    paths = {"model": job.model, "train": job.train, "clean": job.clean, "test": job.test,
+             "triggered_test": job.triggered_test}
+    target, num_labels = job.target_label, job.num_labels
+    if job.run:
+        run = Path(job.run)
+        if not (run / "attack.json").is_file():
+            raise InputError(f"--run {run}: not a RUN directory (no attack.json)")
+        attack = json.loads((run / "attack.json").read_text())
+        defaults = {"model": run / "model", "train": run / "data/train.parquet", "clean": run / "data/dev.parquet",
+                    "test": run / "data/test.parquet", "triggered_test": run / "data/test_triggered.parquet"}
+        paths = {k: v if v is not None else str(defaults[k]) for k, v in paths.items()}
+        target = target if target is not None else attack["target_label"]
+        num_labels = num_labels or attack["num_labels"]
+    for key in ("model", "train", "clean", "test"):
+        if paths[key] is None:
+            raise InputError(f"defend: --{key} is required without --run")
+    if paths["triggered_test"] and target is None:
+        raise InputError("defend: --triggered-test needs --target-label to compute ASR")
+    tables = {k: read_table(v) for k, v in paths.items() if k != "model" and v}
+    num_labels = num_labels or max(num_labels_of(t) for t in tables.values())
+    tables = {k: read_table(paths[k], num_labels=num_labels) for k in tables}
+    if target is not None and not 0 <= target < num_labels:
+        raise InputError(f"defend: target label {target} outside the label set 0..{num_labels - 1}")
+    return Inputs(model_dir=resolve_model(paths["model"]), train=tables["train"], clean=tables["clean"],
+                  test=tables["test"], triggered=tables.get("triggered_test"), target_label=target,
+                  num_labels=num_labels)
+
+
+def sample_per_class(table: pa.Table, n: int, seed: int) -> pa.Table:
+    """Up to ``n`` rows of every label, chosen by ``seed`` (all of a label's rows if fewer)."""
+    labels = table.column("label").to_numpy()
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(labels == y))[:n] for y in np.unique(labels)]
+    return table.take(pa.array(np.sort(np.concatenate(keep))))
+
+
+class Defense:
+    """Shared machinery of one defend job: streams, cached teachers, stages, evaluation."""
+
+    def __init__(self, job: DefendJob, inputs: Inputs, work: Path):
+        from kdshield.models import load_tokenizer
+
+        self.job, self.inputs, self.work = job, inputs, work
+        self.config = method_config(job)
+        tok = load_tokenizer(inputs.model_dir)
+        self.pad = {"input_ids": tok.pad_token_id}
+        self.padding_side = tok.padding_side
+        self.stage_seconds: dict[str, float] = {}
+        self.history: dict[str, list] = {}
+
+    def stream(self, table: pa.Table):
+        from kdshield.trainables.attack import tokenized_stream
+
+        return tokenized_stream(table, self.inputs.model_dir, self.config.max_length)
+
+    def with_teacher(self, stream, teacher_dir: str):
+        """``stream`` plus the frozen teacher's ``teacher_logits`` and ``teacher_hidden_seq``."""
+        if self.job.teacher_outputs == "live":
+            return stream
+        from kdshield.trainables.inference import predict
+
+        t0 = time.perf_counter()
+        out = predict(stream, teacher_dir, self.inputs.num_labels, outputs=("logits", "hidden_seq"),
+                      prefix="teacher_", pad_ids=self.pad, padding_side=self.padding_side,
+                      cpus_per_actor=self.job.scaling.cpus_per_worker).materialize()
+        self.stage_seconds["teacher_cache"] = self.stage_seconds.get("teacher_cache", 0.0) + time.perf_counter() - t0
+        return out
+
+    def train(self, name: str, source: str, phases, streams: dict, *, epochs: int, lr: float, teacher: str | None):
+        from kdshield.trainables.engine import run_stage
+        from kdshield.trainables.stage import ModelSpec, Stage
+
+        c = self.config
+        live = ModelSpec(teacher, self.inputs.num_labels) if teacher and self.job.teacher_outputs == "live" else None
+        stage = Stage(name=name, model=ModelSpec(source=source, num_labels=self.inputs.num_labels),
+                      phases=tuple(phases), pad_ids=self.pad, padding_side=self.padding_side, live_teacher=live,
+                      train=TrainSettings(epochs=epochs, lr=lr, batch_size=c.batch_size, max_length=c.max_length,
+                                          warmup_ratio=0.0, seed=c.seed))
+        say(f"stage {name}: {epochs} epoch(s) over {', '.join(f'{k} ({v.count()} rows)' for k, v in streams.items())}")
+        result = run_stage(stage, streams, self.job.scaling, storage=self.work / "ray")
+        self.stage_seconds[name] = result.seconds
+        self.history[name] = result.history
+        return str(result.model_dir)
+
+    def logits(self, stream, model_dir: str) -> np.ndarray:
+        from kdshield.trainables.inference import predict_logits
+
+        return predict_logits(stream, model_dir, self.inputs.num_labels, pad_ids=self.pad,
+                              padding_side=self.padding_side, cpus_per_actor=self.job.scaling.cpus_per_worker)
+
+    def evaluate(self, model_dir: str) -> dict[str, float]:
+        from kdshield.trainables.inference import evaluate
+
+        i = self.inputs
+        triggered = self.stream(i.triggered) if i.triggered is not None and i.target_label is not None else None
+        return evaluate(model_dir, i.num_labels, clean_test=self.stream(i.test), triggered_test=triggered,
+                        target_label=i.target_label, pad_ids=self.pad, padding_side=self.padding_side,
+                        cpus_per_actor=self.job.scaling.cpus_per_worker)
+
+
+def _with_labels(table: pa.Table, labels: np.ndarray) -> pa.Table:
+    return table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels, pa.int64()))
+
+
+def run_ft(d: Defense) -> tuple[str, dict]:
+    from kdshield.defenses.losses import CrossEntropy
+    from kdshield.trainables.stage import Phase
+
+    c = d.config
+    clean = d.stream(sample_per_class(d.inputs.clean, c.n_c, c.seed))
+    model = d.train("ft", d.inputs.model_dir, [Phase("clean", CrossEntropy())], {"clean": clean},
+                    epochs=c.akd_cycles, lr=c.akd_lr, teacher=None)
+    return model, {}
+
+
+def run_kd(d: Defense) -> tuple[str, dict]:
+    from kdshield.defenses.bedkd import DistillLoss
+    from kdshield.trainables.stage import Phase
+
+    c, suspect = d.config, d.inputs.model_dir
+    clean = d.with_teacher(d.stream(sample_per_class(d.inputs.clean, c.n_c, c.seed)), suspect)
+    model = d.train("kd", suspect, [Phase("clean", DistillLoss(c.lam, c.akd_temperature))], {"clean": clean},
+                    epochs=c.akd_cycles, lr=c.akd_lr, teacher=suspect)
+    return model, {}
+
+
+def run_bedkd(d: Defense) -> tuple[str, dict]:
+    """DMM distillation -> MEPD identification -> adversarial KD (trust + punish cycles)."""
+    from kdshield.defenses.bedkd import (DistillLoss, PunishLoss, calibrate_gamma, flip_labels, identify,
+                                         majority_label, mepd, plot_mepd_histogram, softmax)
+    from kdshield.evaluation import far_frr
+    from kdshield.trainables.stage import Phase
+
+    c, i, suspect = d.config, d.inputs, d.inputs.model_dir
+    akd_clean = sample_per_class(i.clean, c.n_c, c.seed)
+    dmm_clean = sample_per_class(akd_clean, c.n_c_dmm, c.seed + 1)
+
+    # 1. DMM: a copy of the suspect model distilled from it on clean data with flipped labels.
+    flipped = _with_labels(dmm_clean, flip_labels(dmm_clean.column("label").to_numpy(), i.num_labels))
+    dmm = d.train("dmm", suspect, [Phase("flipped", DistillLoss(c.alpha, c.dmm_temperature))],
+                  {"flipped": d.with_teacher(d.stream(flipped), suspect)},
+                  epochs=c.dmm_epochs, lr=c.dmm_lr, teacher=suspect)
+
+    # 2. Identification: MEPD between suspect model and DMM on every suspect training sample.
+    t0 = time.perf_counter()
+    train_stream = d.stream(i.train)
+    suspect_logits = d.logits(train_stream, suspect)
+    scores = mepd(softmax(suspect_logits), softmax(d.logits(train_stream, dmm)))
+    preds = suspect_logits.argmax(-1)
+    gamma = c.gamma
+    if gamma is None:
+        held_out = np.setdiff1d(i.clean.column("source_index").to_numpy(), dmm_clean.column("source_index").to_numpy())
+        calib = i.clean.filter(pa.array(np.isin(i.clean.column("source_index").to_numpy(), held_out)))
+        calib_stream = d.stream(calib if calib.num_rows else akd_clean)
+        gamma = calibrate_gamma(mepd(softmax(d.logits(calib_stream, suspect)), softmax(d.logits(calib_stream, dmm))),
+                                c.target_frr)
+    target = majority_label(preds) if c.require_target_prediction else None
+    flagged_rows = identify(scores, preds, gamma=gamma, n_p=c.n_p, target_label=target)
+    info: dict[str, Any] = {"gamma": float(gamma), "n_identified": int(len(flagged_rows)),
+                            "majority_label": int(majority_label(preds))}
+    truth = i.train.column("poisoned").to_numpy(zero_copy_only=False) if "poisoned" in i.train.column_names else None
+    if truth is not None:
+        below = scores < gamma  # the threshold's own verdict on every sample (FAR/FRR of Eq. 4)
+        info["far"], info["frr"] = far_frr(below, truth)
+        info["identified_precision"] = float(100.0 * truth[flagged_rows].mean()) if len(flagged_rows) else float("nan")
+    plot_mepd_histogram(scores, truth, gamma, d.work / "mepd.png")
+    d.stage_seconds["identify"] = time.perf_counter() - t0
+    say(f"identified {len(flagged_rows)} suspicious samples (gamma {gamma:.4f}"
+        + (f", FAR {info['far']:.1f}%, FRR {info['frr']:.1f}%)" if truth is not None else ")"))
+
+    # 3. AKD: trust distillation on clean data, punish distillation on the identified samples.
+    phases = [Phase("clean", DistillLoss(c.lam, c.akd_temperature), name="trust")]
+    streams = {"clean": d.with_teacher(d.stream(akd_clean), suspect)}
+    if len(flagged_rows) >= d.job.scaling.workers:
+        punished = _with_labels(i.train.take(pa.array(flagged_rows)), preds[flagged_rows])
+        streams["poison"] = d.with_teacher(d.stream(punished), suspect)
+        phases.append(Phase("poison", PunishLoss(c.lam, c.akd_temperature, c.punish, c.punish_margin),
+                            name="punish"))
+    else:
+        say("too few samples identified to punish: AKD runs trust distillation only")
+    model = d.train("akd", suspect, phases, streams, epochs=c.akd_cycles, lr=c.akd_lr, teacher=suspect)
+    write_json(d.work / "identification.json", {**info, "rows": [int(r) for r in flagged_rows],
+                                                "source_index": i.train.column("source_index").to_numpy()[
+                                                    flagged_rows].tolist()})
+    return model, info
+
+
+RECIPES = {"bedkd": run_bedkd, "ft": run_ft, "kd": run_kd}
+
+
+def run_defend(job: DefendJob) -> dict:
+    """Validate everything, run the method's stages, evaluate, write OUT; returns metrics."""
+    from kdshield.cluster import connect
+    from kdshield.trainables.engine import copy_model
+
+    t0 = time.perf_counter()
+    out = Path(job.out).resolve()
+    method_config(job)  # bad settings fail here, before any Ray work
+    if check_out_dir(out, record="metrics.json", config=job.record(), overwrite=job.overwrite):
+        say(f"{out} already holds this exact result; nothing to do")
+        return json.loads((out / "metrics.json").read_text())
+    inputs = resolve_inputs(job)
+    connect(job.scaling.address)
+    work = staging_dir(out)
+    try:
+        defense = Defense(job, inputs, work)
+        model_dir, info = RECIPES[job.method](defense)
+        final = copy_model(Path(model_dir), work / "model")
+        say("evaluating the defended model")
+        metrics = defense.evaluate(str(final))
+        metrics.update(info)
+        metrics.update(method=job.method, seconds=time.perf_counter() - t0, stage_seconds=defense.stage_seconds,
+                       history=defense.history, config=job.record(),
+                       resolved=defense.config.model_dump(mode="json"))
+        shutil.rmtree(work / "ray", ignore_errors=True)
+        write_json(work / "metrics.json", metrics)
+        publish(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return metrics
