@@ -265,7 +265,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> str:
         return str(PRESETS[name].path())
     path = Path(name).expanduser()
     if path.is_dir():
-        return str(path)
+        return str(path.resolve())  # absolute: Ray workers run in other directories
     if path.exists():
         raise InputError(f"model {name!r} is a file; give a model directory, a preset or a hub id")
     if "/" in name or os.sep in name:

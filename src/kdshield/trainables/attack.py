@@ -75,7 +75,7 @@ def run_attack(job: AttackJob) -> dict:
     from kdshield.cluster import connect
     from kdshield.datasets import (AttackSpec, num_labels_of, read_table, select_poison_indices, stratified_split,
                                    write_table)
-    from kdshield.models import load_tokenizer, resolve_model
+    from kdshield.models import check_safe_weights, load_tokenizer, resolve_model
 
     t0 = time.perf_counter()
     out = Path(job.out).resolve()
@@ -98,6 +98,8 @@ def run_attack(job: AttackJob) -> dict:
     spec = AttackSpec(**spec_kwargs)
     spec.validate(num_labels)
     model_dir = resolve_model(job.model)
+    if Path(model_dir).is_dir():
+        check_safe_weights(model_dir)
     tokenizer = load_tokenizer(model_dir)
     rest_idx, dev_idx = stratified_split(train_tbl.column("label").to_numpy(), test_fraction=job.dev_fraction,
                                          seed=job.seed)

@@ -84,7 +84,7 @@ def method_config(job: DefendJob):
 def resolve_inputs(job: DefendJob) -> Inputs:
     """Read and validate every input (pyarrow only, no Ray); explicit flags override the RUN's."""
     from kdshield.datasets import num_labels_of, read_table
-    from kdshield.models import resolve_model
+    from kdshield.models import check_safe_weights, resolve_model
 
     paths = {"model": job.model, "train": job.train, "clean": job.clean, "test": job.test,
              "triggered_test": job.triggered_test}
@@ -109,7 +109,10 @@ def resolve_inputs(job: DefendJob) -> Inputs:
     tables = {k: read_table(paths[k], num_labels=num_labels) for k in tables}
     if target is not None and not 0 <= target < num_labels:
         raise InputError(f"defend: target label {target} outside the label set 0..{num_labels - 1}")
-    return Inputs(model_dir=resolve_model(paths["model"]), train=tables["train"], clean=tables["clean"],
+    model_dir = resolve_model(paths["model"])
+    if Path(model_dir).is_dir():
+        check_safe_weights(model_dir)
+    return Inputs(model_dir=model_dir, train=tables["train"], clean=tables["clean"],
                   test=tables["test"], triggered=tables.get("triggered_test"), target_label=target,
                   num_labels=num_labels)
 
