@@ -1,0 +1,115 @@
+"""BeDKD's Table 1/2 shape on real data with MiniLM: No defense / FT / KD / BeDKD.
+
+For every (dataset, attack) cell: backdoor MiniLM with ``kdshield attack`` (10% dirty-label,
+target 1), then run each defense with the same budget through ``kdshield defend``. Results are
+appended cell by cell to ``benchmarks/results/bedkd.json`` and rendered to ``bedkd.md``, so an
+interrupted run keeps what it finished (re-running skips finished rows).
+
+Target (issue 3): BeDKD brings ASR from >= 90% to <= 5% with CACC at most 2 points below the
+backdoored model.
+
+    python benchmarks/bedkd.py [--datasets rotten-tomatoes cr r8] [--attacks badnet addsent]
+                               [--methods ft kd bedkd] [--train-rows 3000] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+# Scaled-down budget for a 2-core CPU machine (the authors': n_c 320/class, 50 AKD cycles,
+# DMM 80/class x 20 epochs); every value can be overridden with --set.
+BUDGET = {"n_c_dmm": 40, "n_c": 64, "n_p": 32, "dmm_epochs": 10, "akd_cycles": 10, "batch_size": 16,
+          "max_length": 64}
+
+
+def render(rows: list[dict], budget: dict, args) -> str:
+    from kdshield.evaluation import markdown_table
+
+    cols = ["dataset", "attack", "method", "CACC %", "ASR %", "FAR %", "FRR %", "identified", "precision %",
+            "seconds"]
+    verdicts = []
+    by_cell: dict[tuple, dict] = {}
+    for r in rows:
+        by_cell.setdefault((r["dataset"], r["attack"]), {})[r["method"]] = r
+    for (ds, atk), cell in by_cell.items():
+        base, ours = cell.get("none"), cell.get("bedkd")
+        if base and ours:
+            ok = base["ASR %"] >= 90 and ours["ASR %"] <= 5 and base["CACC %"] - ours["CACC %"] <= 2
+            verdicts.append(f"- {ds} / {atk}: ASR {base['ASR %']:.1f} -> {ours['ASR %']:.1f}, CACC "
+                            f"{base['CACC %']:.1f} -> {ours['CACC %']:.1f}: {'met' if ok else 'MISSED'}")
+    return ("# BeDKD on real data (MiniLM-L6): No defense / FT / KD / BeDKD\n\n"
+            f"`python benchmarks/bedkd.py --train-rows {args.train_rows}` ; defense budget (all methods): "
+            f"`{json.dumps(budget)}`; poison rate 10% dirty-label, target label 1; FAR/FRR are the MEPD "
+            "threshold's errors on the whole suspect training set, `identified` the samples kept for "
+            "punishment (at most n_p) and `precision` the share of them that were really poisoned.\n\n"
+            + markdown_table(rows, cols) + "\n\nTarget: ASR >= 90% before, <= 5% after, CACC drop <= 2 points.\n\n"
+            + "\n".join(verdicts) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=["rotten-tomatoes", "cr", "r8"])
+    ap.add_argument("--attacks", nargs="+", default=["badnet", "addsent"])
+    ap.add_argument("--methods", nargs="+", default=["ft", "kd", "bedkd"])
+    ap.add_argument("--train-rows", type=int, default=3000)
+    ap.add_argument("--test-rows", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--work", default=str(HERE / "work" / "bedkd"))
+    ap.add_argument("--tag", default="bedkd", help="results file name")
+    args = ap.parse_args()
+
+    from kdshield.config import parse_assignments
+    from kdshield.datasets import build_corpus, read_table, write_table
+    from kdshield.demo import subset
+    from kdshield.trainables.attack import AttackJob, run_attack
+    from kdshield.trainables.defend import DefendJob, run_defend
+
+    budget = {**BUDGET, **parse_assignments(args.set)}
+    RESULTS.mkdir(exist_ok=True)
+    store = RESULTS / f"{args.tag}.json"
+    rows = json.loads(store.read_text())["rows"] if store.exists() else []
+    done = {(r["dataset"], r["attack"], r["method"]) for r in rows}
+    work = Path(args.work)
+
+    def save():
+        store.write_text(json.dumps({"budget": budget, "args": vars(args), "rows": rows}, indent=2))
+        (RESULTS / f"{args.tag}.md").write_text(render(rows, budget, args))
+
+    for dataset in args.datasets:
+        corpus = work / dataset / "corpus"
+        build_corpus(dataset, corpus, seed=0)
+        data = work / dataset / "data"
+        write_table(subset(read_table(corpus / "train.parquet"), args.train_rows, 0), data / "train.parquet")
+        write_table(subset(read_table(corpus / "test.parquet"), args.test_rows, 0), data / "test.parquet")
+        for attack in args.attacks:
+            run = work / dataset / attack / "run"
+            metrics = run_attack(AttackJob(
+                train=str(data / "train.parquet"), test=str(data / "test.parquet"), model="minilm", out=str(run),
+                attack=attack, poison_rate=0.1, target_label=1, training={"epochs": args.epochs, "lr": 5e-5},
+                scaling={"workers": 1, "cpus_per_worker": 2}))
+            if (dataset, attack, "none") not in done:
+                rows.append({"dataset": dataset, "attack": attack, "method": "none", "CACC %": metrics["cacc"],
+                             "ASR %": metrics["asr"], "seconds": metrics["seconds"]})
+                save()
+            for method in args.methods:
+                if (dataset, attack, method) in done:
+                    continue
+                m = run_defend(DefendJob(method=method, run=str(run), out=str(work / dataset / attack / method),
+                                         overwrite=True, params=budget,
+                                         scaling={"workers": 1, "cpus_per_worker": 2}))
+                rows.append({"dataset": dataset, "attack": attack, "method": method, "CACC %": m["cacc"],
+                             "ASR %": m["asr"], "FAR %": m.get("far"), "FRR %": m.get("frr"),
+                             "identified": m.get("n_identified"), "precision %": m.get("identified_precision"),
+                             "seconds": m["seconds"]})
+                save()
+                print(render(rows, budget, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()
