@@ -107,3 +107,22 @@ def test_attack_end_to_end_writes_a_run(files, tmp_path, capsys, ray_local):
     assert main(attack_args(files, out, "--epochs", "6", "--lr", "2e-3", "--batch-size", "8",
                             "--poison-rate", "0.2", "--workers", "2", "--zero", "2")) == 0
     assert "nothing to do" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("alpha=1.5", "alpha"), ("alpha=-0.1", "alpha"), ("lam=2", "lam"), ("dmm_temperature=0", "dmm_temperature"),
+    ("akd_temperature=-1", "akd_temperature"), ("n_c=0", "n_c"), ("n_p=0", "n_p"), ("n_c_dmm=0", "n_c_dmm"),
+    ("akd_lr=0", "akd_lr"), ("gamma=0", "gamma"), ("target_frr=1.5", "target_frr"), ("no_such_knob=1", "no_such_knob"),
+])
+def test_defend_refuses_bad_settings_before_ray(setting, expected, tmp_path, capsys):
+    code, line = run_cli(["defend", "--method", "bedkd", "--run", str(tmp_path / "missing-run"),
+                          "--set", setting, "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and line.startswith("kdshield: error:") and expected in line
+    assert not ray.is_initialized()
+
+
+def test_defend_refuses_a_missing_run(tmp_path, capsys):
+    code, line = run_cli(["defend", "--method", "ft", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+                         capsys)
+    assert code == 2 and "not a RUN directory" in line
+    assert not ray.is_initialized()
