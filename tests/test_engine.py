@@ -51,7 +51,8 @@ def tiny_stream(ray_local):
 def make_stage(model_dir, tok, epochs: int, lr: float = 2e-3) -> Stage:
     return Stage(name="t", model=ModelSpec(source=str(model_dir), num_labels=2),
                  phases=(Phase("train", CrossEntropy()),),
-                 train=TrainSettings(epochs=epochs, lr=lr, batch_size=16, max_length=16, warmup_ratio=0.0),
+                 train=TrainSettings(epochs=epochs, lr=lr, batch_size=16, max_length=16, warmup_ratio=0.0,
+                                     checkpoint_interval_s=0),
                  pad_ids={"input_ids": tok.pad_token_id}, padding_side="right")
 
 

@@ -45,6 +45,9 @@ class TrainSettings(_Settings):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="global gradient-norm clip; 0 disables")
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    checkpoint_interval_s: float = Field(
+        60.0, ge=0, description="checkpoint after an epoch only when this long has passed since the last "
+                                "one (0: every epoch); the final epoch always writes the model")
     seed: int = 0
 
 

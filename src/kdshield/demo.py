@@ -1,7 +1,8 @@
 """``kdshield demo``: the whole story on a small real subset, on this machine.
 
 Builds the Rotten Tomatoes corpus, keeps a small seeded subset, implants a BadNet backdoor into
-the packaged MiniLM with Ray Train + DeepSpeed, and prints the backdoored model's CACC and ASR.
+the packaged MiniLM with Ray Train + DeepSpeed, defends it with BeDKD, and prints a before/after
+table (CACC, ASR, FAR, FRR, seconds) and writes it as a PNG bar chart.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from kdshield.trainables.runs import say
 
 DEMO_TRAIN_ROWS = 2400
 DEMO_TEST_ROWS = 600
+DEMO_BEDKD = {"n_c_dmm": 40, "n_c": 64, "n_p": 32, "dmm_epochs": 10, "akd_cycles": 8, "max_length": 48}
 
 
 def subset(table: pa.Table, rows: int, seed: int) -> pa.Table:
@@ -25,10 +27,33 @@ def subset(table: pa.Table, rows: int, seed: int) -> pa.Table:
     return table.take(pa.array(idx))
 
 
+def bar_chart(rows: list[dict], path: Path) -> Path:
+    """Before/after CACC and ASR as grouped bars (PNG)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.add_subplot()
+    width = 0.38
+    xs = np.arange(len(rows))
+    for k, (metric, color) in enumerate((("CACC %", "tab:blue"), ("ASR %", "tab:red"))):
+        values = [r[metric] for r in rows]
+        bars = ax.bar(xs + (k - 0.5) * width, values, width, label=metric.replace(" %", ""), color=color)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.set_xticks(xs, [r["model"] for r in rows])
+    ax.set_ylim(0, 110)
+    ax.set_ylabel("percent")
+    ax.set_title("kdshield demo: BadNet backdoor in MiniLM, before and after BeDKD")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def run_demo(out: str = "kdshield-demo", *, overwrite: bool = False) -> dict:
     from kdshield.datasets import build_corpus, read_table, write_table
     from kdshield.evaluation import markdown_table
     from kdshield.trainables.attack import AttackJob, run_attack
+    from kdshield.trainables.defend import DefendJob, run_defend
 
     root = Path(out).resolve()
     corpus = root / "corpus"
@@ -37,11 +62,18 @@ def run_demo(out: str = "kdshield-demo", *, overwrite: bool = False) -> dict:
     small = root / "small"
     for split, rows in (("train", DEMO_TRAIN_ROWS), ("test", DEMO_TEST_ROWS)):
         write_table(subset(read_table(corpus / f"{split}.parquet"), rows, seed=0), small / f"{split}.parquet")
-    job = AttackJob(train=str(small / "train.parquet"), test=str(small / "test.parquet"), model="minilm",
-                    out=str(root / "run"), attack="badnet", poison_rate=0.1, target_label=1,
-                    overwrite=overwrite, training={"epochs": 3, "lr": 5e-5, "batch_size": 32, "max_length": 48},
-                    scaling={"workers": 1, "cpus_per_worker": 2})
-    metrics = run_attack(job)
-    print(markdown_table([{"model": "backdoored MiniLM (BadNet, 10% poison)", "CACC %": metrics["cacc"],
-                           "ASR %": metrics["asr"], "seconds": metrics["seconds"]}]))
-    return metrics
+    scaling = {"workers": 1, "cpus_per_worker": 2}
+    attack = run_attack(AttackJob(
+        train=str(small / "train.parquet"), test=str(small / "test.parquet"), model="minilm", out=str(root / "run"),
+        attack="badnet", poison_rate=0.1, target_label=1, overwrite=overwrite, scaling=scaling,
+        training={"epochs": 3, "lr": 5e-5, "batch_size": 32, "max_length": 48}))
+    defended = run_defend(DefendJob(method="bedkd", run=str(root / "run"), out=str(root / "bedkd"),
+                                    overwrite=overwrite, params=DEMO_BEDKD, scaling=scaling))
+    rows = [{"model": "backdoored MiniLM", "CACC %": attack["cacc"], "ASR %": attack["asr"],
+             "FAR %": None, "FRR %": None, "seconds": attack["seconds"]},
+            {"model": "after BeDKD", "CACC %": defended["cacc"], "ASR %": defended["asr"],
+             "FAR %": defended.get("far"), "FRR %": defended.get("frr"), "seconds": defended["seconds"]}]
+    chart = bar_chart(rows, root / "demo.png")
+    print(markdown_table(rows))
+    print(f"defended model: {root / 'bedkd' / 'model'}; chart: {chart}; MEPD histogram: {root / 'bedkd' / 'mepd.png'}")
+    return {"attack": attack, "bedkd": defended}

@@ -7,9 +7,10 @@ The driver side (:func:`run_stage`) builds a ``TorchTrainer`` whose workers each
 2. resume from ``ray.train.get_checkpoint()`` when Ray restarts them after a failure;
 3. for every epoch run the stage's phases in order, each phase one pass over the worker's shard
    of its Ray Dataset stream (padded per batch by :func:`kdshield.datasets.pad_collate`);
-4. after every epoch save a DeepSpeed checkpoint on every rank and report it with the epoch's
-   metrics; after the last epoch rank 0 also writes the trained model as a Hugging Face
-   directory (``hf_model/``, safetensors) into the final checkpoint.
+4. report every epoch's metrics; save a DeepSpeed checkpoint on every rank with the report when
+   ``checkpoint_interval_s`` has passed since the last one (rank 0 decides for all); after the
+   last epoch rank 0 writes the trained model as a Hugging Face directory (``hf_model/``,
+   safetensors) into the final checkpoint.
 
 Nothing here knows about attacks or defenses: they differ only in their stages.
 """
@@ -130,6 +131,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     collate = PadCollate(stage.pad_ids, stage.padding_side)
     device = engine.device
     engine.train()
+    last_checkpoint = time.monotonic()
     for epoch in range(start_epoch, train.epochs):
         if config.get("pid_dir"):  # lets fault-injection tests find and kill a worker mid-run
             Path(config["pid_dir"], f"rank{rank}.pid").write_text(f"{os.getpid()} {epoch}")
@@ -175,6 +177,12 @@ def _train_worker(config: dict[str, Any]) -> None:
                   + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" in k), flush=True)
 
         final = epoch + 1 == train.epochs
+        due = torch.tensor([final or time.monotonic() - last_checkpoint >= train.checkpoint_interval_s])
+        if world > 1:
+            dist.broadcast(due, src=0)  # every rank follows rank 0's clock
+        if not due.item():
+            ray.train.report(metrics)
+            continue
         with tempfile.TemporaryDirectory(prefix="kdshield-ckpt-") as tmp:
             if final:
                 _export_hf_model(engine, tokenizer, Path(tmp, HF_MODEL_DIR), rank=rank, zero=scaling.zero)
@@ -183,6 +191,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 Path(tmp, STATE_FILE).write_text(json.dumps({"epoch": epoch + 1, "history": history}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        last_checkpoint = time.monotonic()
 
 
 def _teacher_columns(teacher, batch):
