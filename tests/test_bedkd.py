@@ -251,6 +251,10 @@ def test_identify():
     # cap keeps the smallest MEPD (0.02, 0.03), returned sorted by index
     assert identify(values, preds, gamma=0.1, n_p=2, target_label=1).tolist() == [4, 6]
     assert identify(values, preds, gamma=0.01, n_p=5, target_label=None).tolist() == []
+    drawn = identify(values, preds, gamma=0.1, n_p=2, target_label=1, selection="random", seed=3)
+    assert len(drawn) == 2 and set(drawn) <= {0, 3, 4, 6}
+    assert drawn.tolist() == identify(values, preds, gamma=0.1, n_p=2, target_label=1, selection="random",
+                                      seed=3).tolist()
     assert identify(values, preds, gamma=0.1, n_p=3, target_label=None).dtype == np.int64
     with pytest.raises(ValueError):
         identify(values, preds[:3], gamma=0.1, n_p=2, target_label=None)

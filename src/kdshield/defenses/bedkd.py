@@ -79,6 +79,9 @@ class BeDKDConfig(_Settings):
     punish_margin: float = Field(1.0, gt=0, description=(
         "bounded punish: CE and KL ascend up to punish_margin * log(C), the relative hidden "
         "MSE up to punish_margin"))
+    selection: Literal["smallest", "random"] = Field("smallest", description=(
+        "which n_p of the samples under gamma are punished: the smallest MEPD, or a seeded "
+        "random draw (see benchmarks/results for the precision of each)"))
     require_target_prediction: bool = Field(True, description=(
         "identified samples must also be predicted as the poisoned model's majority label over "
         "the suspect training set (the authors' code)"))
@@ -336,12 +339,13 @@ def calibrate_gamma(mepd_clean: np.ndarray, target_frr: float) -> float:
 
 
 def identify(mepd: np.ndarray, preds: np.ndarray, *, gamma: float, n_p: int,
-             target_label: int | None) -> np.ndarray:
+             target_label: int | None, selection: str = "smallest", seed: int = 0) -> np.ndarray:
     """Indices of the samples called poisoned, ascending (int64).
 
     A sample qualifies when ``mepd < gamma`` and, unless ``target_label`` is None, the
     poisoned model predicts it as ``target_label`` (``preds == target_label``). At most
-    ``n_p`` qualifying samples are kept, those with the smallest MEPD (ties: lower index).
+    ``n_p`` qualifying samples are kept: with ``selection="smallest"`` those with the smallest
+    MEPD (ties: lower index); with ``"random"`` a uniform sample drawn with ``seed``.
     """
     values = np.asarray(mepd, dtype=np.float64).reshape(-1)
     preds = np.asarray(preds).reshape(-1)
@@ -353,7 +357,12 @@ def identify(mepd: np.ndarray, preds: np.ndarray, *, gamma: float, n_p: int,
     if target_label is not None:
         keep &= preds == target_label
     idx = np.flatnonzero(keep)
-    idx = idx[np.argsort(values[idx], kind="stable")[:n_p]]
+    if selection == "smallest":
+        idx = idx[np.argsort(values[idx], kind="stable")[:n_p]]
+    elif selection == "random":
+        idx = np.random.default_rng(seed).permutation(idx)[:n_p]
+    else:
+        raise ValueError(f"selection must be 'smallest' or 'random', got {selection!r}")
     return np.sort(idx).astype(np.int64)
 
 

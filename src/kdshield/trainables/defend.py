@@ -246,13 +246,16 @@ def run_bedkd(d: Defense) -> tuple[str, dict]:
         gamma = calibrate_gamma(mepd(softmax(d.logits(calib_stream, suspect)), softmax(d.logits(calib_stream, dmm))),
                                 c.target_frr)
     target = majority_label(preds) if c.require_target_prediction else None
-    flagged_rows = identify(scores, preds, gamma=gamma, n_p=c.n_p, target_label=target)
+    flagged_rows = identify(scores, preds, gamma=gamma, n_p=c.n_p, target_label=target, selection=c.selection,
+                            seed=c.seed)
     info: dict[str, Any] = {"gamma": float(gamma), "n_identified": int(len(flagged_rows)),
                             "majority_label": int(majority_label(preds))}
     truth = i.train.column("poisoned").to_numpy(zero_copy_only=False) if "poisoned" in i.train.column_names else None
     if truth is not None:
         below = scores < gamma  # the threshold's own verdict on every sample (FAR/FRR of Eq. 4)
         info["far"], info["frr"] = far_frr(below, truth)
+        candidates = below & (preds == target) if target is not None else below
+        info["candidate_precision"] = float(100.0 * truth[candidates].mean()) if candidates.any() else float("nan")
         info["identified_precision"] = float(100.0 * truth[flagged_rows].mean()) if len(flagged_rows) else float("nan")
     plot_mepd_histogram(scores, truth, gamma, d.work / "mepd.png")
     d.stage_seconds["identify"] = time.perf_counter() - t0
@@ -270,7 +273,8 @@ def run_bedkd(d: Defense) -> tuple[str, dict]:
     else:
         say("too few samples identified to punish: AKD runs trust distillation only")
     model = d.train("akd", suspect, phases, streams, epochs=c.akd_cycles, lr=c.akd_lr, teacher=suspect)
-    write_json(d.work / "identification.json", {**info, "rows": [int(r) for r in flagged_rows],
+    write_json(d.work / "identification.json", {**info, "mepd": np.round(scores, 6).tolist(),
+                                                "rows": [int(r) for r in flagged_rows],
                                                 "source_index": i.train.column("source_index").to_numpy()[
                                                     flagged_rows].tolist()})
     return model, info
