@@ -8,7 +8,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from kdshield.cli import main
 
@@ -22,6 +21,17 @@ def write(path: Path, table: pa.Table) -> str:
 def sentiment(n: int, offset: int = 0) -> pa.Table:
     texts = [f"review number {i + offset} was {'great fun' if i % 2 else 'dull and slow'}" for i in range(n)]
     return pa.table({"text": texts, "label": pa.array([i % 2 for i in range(n)], pa.int64())})
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fails the test if the command gets as far as connecting to Ray."""
+    import kdshield.cluster
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray work started before the bad input was refused")
+
+    monkeypatch.setattr(kdshield.cluster, "connect", refuse)
 
 
 @pytest.fixture
@@ -58,7 +68,7 @@ def attack_args(files, out, *extra):
     (lambda d, f: f, ["--model", "no-such-model"], "no-such-model"),
     (lambda d, f: f, ["--epochs", "0"], "epochs"),
 ])
-def test_bad_input_fails_before_ray_with_one_line(make_bad, extra, expected, files, tmp_path, capsys):
+def test_bad_input_fails_before_ray_with_one_line(make_bad, extra, expected, files, tmp_path, capsys, no_ray):
     bad = make_bad(tmp_path, files)
     args = attack_args(bad, tmp_path / "run", *extra)
     if "--model" in extra:
@@ -67,7 +77,6 @@ def test_bad_input_fails_before_ray_with_one_line(make_bad, extra, expected, fil
     code, line = run_cli(args, capsys)
     assert code == 2
     assert line.startswith("kdshield: error:") and expected in line.lower()
-    assert not ray.is_initialized()
     assert not (tmp_path / "run").exists()
 
 
@@ -77,14 +86,13 @@ def _garbage(d: Path) -> Path:
     return p
 
 
-def test_refuses_an_out_dir_holding_another_run(files, tmp_path, capsys):
+def test_refuses_an_out_dir_holding_another_run(files, tmp_path, capsys, no_ray):
     out = tmp_path / "run"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     code, line = run_cli(attack_args(files, out), capsys)
     assert code == 2 and "--overwrite" in line
     assert (out / "precious.txt").read_text() == "keep me"
-    assert not ray.is_initialized()
 
 
 @pytest.mark.ray
@@ -114,15 +122,13 @@ def test_attack_end_to_end_writes_a_run(files, tmp_path, capsys, ray_local):
     ("akd_temperature=-1", "akd_temperature"), ("n_c=0", "n_c"), ("n_p=0", "n_p"), ("n_c_dmm=0", "n_c_dmm"),
     ("akd_lr=0", "akd_lr"), ("gamma=0", "gamma"), ("target_frr=1.5", "target_frr"), ("no_such_knob=1", "no_such_knob"),
 ])
-def test_defend_refuses_bad_settings_before_ray(setting, expected, tmp_path, capsys):
+def test_defend_refuses_bad_settings_before_ray(setting, expected, tmp_path, capsys, no_ray):
     code, line = run_cli(["defend", "--method", "bedkd", "--run", str(tmp_path / "missing-run"),
                           "--set", setting, "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and line.startswith("kdshield: error:") and expected in line
-    assert not ray.is_initialized()
 
 
-def test_defend_refuses_a_missing_run(tmp_path, capsys):
+def test_defend_refuses_a_missing_run(tmp_path, capsys, no_ray):
     code, line = run_cli(["defend", "--method", "ft", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
                          capsys)
     assert code == 2 and "not a RUN directory" in line
-    assert not ray.is_initialized()

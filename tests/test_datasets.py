@@ -43,12 +43,9 @@ LABELS = [1, 0, 1, 0, 1, 0]
 # ----------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
+def ray_session(ray_local):
+    """The session's local Ray (see conftest.py)."""
+    return ray_local
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,10 @@ import pyarrow as pa
 
 from kdshield.trainables.runs import say
 
-DEMO_TRAIN_ROWS = 2400
-DEMO_TEST_ROWS = 600
-DEMO_BEDKD = {"n_c_dmm": 40, "n_c": 64, "n_p": 32, "dmm_epochs": 10, "akd_cycles": 8, "max_length": 48}
+DEMO_TRAIN_ROWS = 1600
+DEMO_TEST_ROWS = 500
+DEMO_BEDKD = {"n_c_dmm": 40, "n_c": 48, "n_p": 32, "dmm_epochs": 8, "akd_cycles": 6, "max_length": 48,
+              "selection": "random"}
 
 
 def subset(table: pa.Table, rows: int, seed: int) -> pa.Table:

@@ -113,6 +113,8 @@ def _train_worker(config: dict[str, Any]) -> None:
         optimizer, _linear_schedule(total_steps, int(train.warmup_ratio * total_steps)))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(train, scaling))
+    if world == 1 and scaling.zero == 0:
+        engine.enable_backward_allreduce = False  # an all-reduce over one rank only copies gradients
 
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
