@@ -67,7 +67,7 @@ def run_demo(out: str = "kdshield-demo", *, overwrite: bool = False) -> dict:
     attack = run_attack(AttackJob(
         train=str(small / "train.parquet"), test=str(small / "test.parquet"), model="minilm", out=str(root / "run"),
         attack="badnet", poison_rate=0.1, target_label=1, overwrite=overwrite, scaling=scaling,
-        training={"epochs": 3, "lr": 5e-5, "batch_size": 32, "max_length": 48}))
+        training={"epochs": 3, "lr": 1e-4, "batch_size": 32, "max_length": 48}))
     defended = run_defend(DefendJob(method="bedkd", run=str(root / "run"), out=str(root / "bedkd"),
                                     overwrite=overwrite, params=DEMO_BEDKD, scaling=scaling))
     rows = [{"model": "backdoored MiniLM", "CACC %": attack["cacc"], "ASR %": attack["asr"],
