@@ -24,7 +24,7 @@ from pydantic import Field
 
 from kdshield.config import ScalingSettings, TrainSettings, _Settings
 from kdshield.errors import InputError
-from kdshield.trainables.runs import check_out_dir, publish, say, staging_dir, write_json
+from kdshield.trainables.runs import check_out_dir, say, staged, write_json
 
 
 class AttackJob(_Settings):
@@ -119,8 +119,7 @@ def run_attack(job: AttackJob) -> dict:
     from kdshield.trainables.stage import ModelSpec, Phase, Stage
 
     connect(job.scaling.address)
-    stage_dir = staging_dir(out)
-    try:
+    with staged(out) as stage_dir:
         say(f"poisoning {len(chosen_source)} of {rest.num_rows} training samples ({job.attack}, "
             f"{'clean' if job.clean_label else 'dirty'}-label, target {job.target_label})")
         poisoned = _to_table(poison_dataset(ray.data.from_arrow(rest), spec, chosen_source))
@@ -148,13 +147,9 @@ def run_attack(job: AttackJob) -> dict:
         metrics.update(seconds=time.perf_counter() - t0, train_seconds=result.seconds,
                        history=result.history, config=job.record())
         write_json(stage_dir / "attack.json", {
-            "config": job.record(), "spec": spec.model_dump(mode="json") if hasattr(spec, "model_dump") else vars(spec),
+            "config": job.record(), "spec": spec.model_dump(mode="json"),
             "num_labels": num_labels, "target_label": job.target_label, "model_source": str(model_dir),
             "rows": {"train": poisoned.num_rows, "poisoned": int(len(chosen_source)), "dev": dev.num_rows,
                      "test": test_tbl.num_rows, "test_triggered": triggered.num_rows}})
         write_json(stage_dir / "metrics.json", metrics)
-        publish(stage_dir, out)
-    except BaseException:
-        shutil.rmtree(stage_dir, ignore_errors=True)
-        raise
     return metrics

@@ -33,7 +33,7 @@ from pydantic import Field
 
 from kdshield.config import ScalingSettings, TrainSettings, _Settings, parse_settings
 from kdshield.errors import InputError
-from kdshield.trainables.runs import check_out_dir, publish, say, staging_dir, write_json
+from kdshield.trainables.runs import check_out_dir, say, staged, write_json
 
 METHODS = ("bedkd", "ft", "kd")
 
@@ -296,8 +296,7 @@ def run_defend(job: DefendJob) -> dict:
         return json.loads((out / "metrics.json").read_text())
     inputs = resolve_inputs(job)
     connect(job.scaling.address)
-    work = staging_dir(out)
-    try:
+    with staged(out) as work:
         defense = Defense(job, inputs, work)
         model_dir, info = RECIPES[job.method](defense)
         final = copy_model(Path(model_dir), work / "model")
@@ -309,8 +308,4 @@ def run_defend(job: DefendJob) -> dict:
                        resolved=defense.config.model_dump(mode="json"))
         shutil.rmtree(work / "ray", ignore_errors=True)
         write_json(work / "metrics.json", metrics)
-        publish(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return metrics

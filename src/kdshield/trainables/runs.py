@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -55,6 +56,18 @@ def publish(stage: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         stage.rename(out)
+
+
+@contextlib.contextmanager
+def staged(out: Path):
+    """Build ``out`` in a fresh sibling directory; publish it on success, delete it on failure."""
+    work = staging_dir(out)
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    publish(work, out)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
