@@ -5,6 +5,15 @@ from __future__ import annotations
 import logging
 import os
 
+_STARTED_LOCAL: list[bool] = [False]
+
+
+def started_local() -> bool:
+    """Whether this process's Ray is a local instance that :func:`connect` started itself."""
+    import ray
+
+    return _STARTED_LOCAL[0] and ray.is_initialized()
+
 
 def default_env() -> dict[str, str]:
     """Environment variables every Ray process of a job gets.
@@ -39,6 +48,7 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+    _STARTED_LOCAL[0] = not address
     logging.getLogger("ray.data").setLevel(logging.WARNING if quiet else logging.INFO)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = not quiet

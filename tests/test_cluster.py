@@ -1,0 +1,330 @@
+"""Clusters: resource plans, deployable configs, a real multi-node Ray on one machine (placement,
+same result as one node, a worker node removed mid-run), and Ray's autoscaler under a search.
+
+The multi-node tests run on their own ``ray.cluster_utils.Cluster``: the class fixture shuts the
+session's local Ray down first and starts it again afterwards, so other modules see the same
+local Ray (2 CPUs) as before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from kdshield.cli import main
+from kdshield.cluster import NodeResources, plan_resources
+from kdshield.cluster.render import render
+from kdshield.config import ScalingSettings
+from kdshield.errors import InputError
+
+# -- resource plans (no Ray: nodes given) ---------------------------------------------------------
+
+NODES = [NodeResources("head", 0, is_head=True), NodeResources("a", 4), NodeResources("b", 4),
+         NodeResources("g", 8, gpus=1)]
+
+
+@pytest.mark.parametrize("scaling, expected", [
+    (dict(workers=1, cpus_per_worker=16), "a worker needs 16 CPU(s) but no node has that much"),
+    (dict(workers=1, gpus_per_worker=2), "1 CPU(s) and 2 GPU(s) but no node"),
+    (dict(workers=4, placement_strategy="STRICT_SPREAD"), "STRICT_SPREAD puts 4 workers on 4 different nodes, "
+                                                          "but only 3 node(s)"),
+    (dict(workers=2, cpus_per_worker=5, placement_strategy="STRICT_PACK"), "STRICT_PACK"),
+    (dict(workers=5, cpus_per_worker=4), "need 20 CPU(s) in all; the cluster has 16"),
+])
+def test_impossible_plans_are_refused_in_one_line(scaling, expected):
+    with pytest.raises(InputError) as err:
+        plan_resources(ScalingSettings(**scaling), 1, autoscaler=False, nodes=NODES)
+    message = str(err.value)
+    assert expected in message and "no autoscaler" in message and "\n" not in message
+
+
+def test_plan_counts_concurrent_trials_and_queues_the_rest():
+    plan = plan_resources(ScalingSettings(workers=2, cpus_per_worker=2), 8, autoscaler=False, nodes=NODES)
+    assert plan.fit_now == 4 and plan.concurrent_trials == 4  # 16 CPUs / (2 x 2)
+    assert "4 of 8" in plan.summary()
+    spread = plan_resources(ScalingSettings(workers=3, cpus_per_worker=4, placement_strategy="STRICT_SPREAD"), 4,
+                            autoscaler=False, nodes=NODES)
+    assert spread.concurrent_trials == 1  # a, b, g hold one trial; a second has only g left
+    gpu = plan_resources(ScalingSettings(workers=1, gpus_per_worker=1), 3, autoscaler=False, nodes=NODES)
+    assert gpu.concurrent_trials == 1
+    driver = plan_resources(ScalingSettings(workers=1, cpus_per_worker=2), 8, autoscaler=False, nodes=NODES,
+                            trial_driver_cpus=1)
+    assert driver.concurrent_trials == 5 and driver.trial_bundles() == [{"CPU": 1}, {"CPU": 2}]
+
+
+def test_autoscaler_allows_growth_but_not_impossible_node_shapes():
+    plan = plan_resources(ScalingSettings(workers=2, gpus_per_worker=1), 4, autoscaler=True, nodes=NODES[:1])
+    assert plan.concurrent_trials == 4 and plan.fit_now == 0
+    gpu_type = [NodeResources("gpu-type", 8, gpus=1)]
+    assert plan_resources(ScalingSettings(gpus_per_worker=1), 2, autoscaler=True, nodes=NODES[:1],
+                          node_types=gpu_type).concurrent_trials == 2
+    with pytest.raises(InputError, match="more than any node or node type"):
+        plan_resources(ScalingSettings(gpus_per_worker=4), 1, autoscaler=True, nodes=NODES[:1], node_types=gpu_type)
+
+
+# -- deployable configs ---------------------------------------------------------------------------
+
+def _walk(node, path=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, (*path, str(k)))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, (*path, str(i)))
+    else:
+        yield path, node
+
+
+def test_launcher_config_is_valid_for_ray_and_exposes_nothing(tmp_path):
+    import jsonschema
+    import ray.autoscaler
+    from ray.autoscaler._private.util import validate_config
+
+    out = tmp_path / "cluster.yaml"
+    assert main(["cluster", "render", "launcher", "--out", str(out), "--set", "max_gpu_workers=6",
+                 "--set", "region=eu-west-1"]) == 0
+    config = yaml.safe_load(out.read_text())
+    schema = json.loads(Path(ray.autoscaler.__file__).with_name("ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+    validate_config(config)  # what `ray up` runs: the schema plus Ray's own checks
+    with pytest.raises(jsonschema.ValidationError):  # the schema does catch a broken config
+        jsonschema.validate({**config, "available_node_types": {"head": {"resources": {"CPU": 0}}}}, schema)
+
+    assert config["provider"] == {**config["provider"], "type": "aws", "region": "eu-west-1"}
+    head, gpu = config["available_node_types"]["head"], config["available_node_types"]["gpu"]
+    assert config["head_node_type"] == "head" and head["resources"] == {"CPU": 0} and head["max_workers"] == 0
+    assert gpu["min_workers"] == 0 and gpu["max_workers"] == 6 and gpu["resources"]["GPU"] >= 1
+    setup = " ".join(config["setup_commands"])
+    assert "torch" in setup and "ray[default,tune,train]==" in setup and "kdshield" in setup
+    # nothing but Ray's own SSH rule is opened; the dashboard listens on localhost only
+    assert config["provider"]["security_group"]["IpPermissions"] == []
+    assert not [v for _, v in _walk(config) if isinstance(v, str) and "0.0.0.0/0" in v]
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    for cmd in config["head_start_ray_commands"][1:] + config["worker_start_ray_commands"][1:]:
+        assert "RAY_AUTH_MODE=token" in cmd and "ray start" in cmd
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def _containers(spec):
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def _check_raycluster_spec(spec):
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["authOptions"] == {"mode": "token"}
+    assert tuple(int(x) for x in spec["rayVersion"].split(".")[:2]) >= (2, 52)  # token auth needs >= 2.52
+    assert spec["headGroupSpec"]["serviceType"] == "ClusterIP"
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (gpu,) = spec["workerGroupSpecs"]
+    assert gpu["minReplicas"] == 0 <= gpu["replicas"] <= gpu["maxReplicas"]
+    for container in _containers(spec):
+        assert not container["image"].endswith(":latest") and ":" in container["image"]
+        assert container["resources"]["limits"] and container["resources"]["requests"]
+    assert int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+    values = [str(v) for _, v in _walk(spec)]
+    assert not {"NodePort", "LoadBalancer"} & set(values) and "0.0.0.0/0" not in values
+
+
+def test_kuberay_cluster_and_job(tmp_path):
+    cluster = render("kuberay-cluster", {"max_gpu_workers": 3, "namespace": "ml"})
+    assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert cluster["metadata"]["namespace"] == "ml"
+    _check_raycluster_spec(cluster["spec"])
+    assert cluster["spec"]["workerGroupSpecs"][0]["maxReplicas"] == 3
+
+    out = tmp_path / "job.yaml"
+    assert main(["cluster", "render", "kuberay-job", "--out", str(out), "--set", "num_samples=32",
+                 "--set", "max_gpu_workers=3", "--set", "namespace=ml"]) == 0
+    job = yaml.safe_load(out.read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert job["spec"]["rayClusterSpec"] == cluster["spec"]  # the same cluster, owned by the job
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    argv = job["spec"]["entrypoint"].split()
+    assert argv[:2] == ["kdshield", "tune"]
+    assert argv[argv.index("--num-samples") + 1] == "32" and argv[argv.index("--address") + 1] == "auto"
+    from kdshield.cli import build_parser
+
+    tune_cmd = build_parser()._subparsers._group_actions[0].choices.get("tune")
+    if tune_cmd is not None:  # the tune command exists: the entrypoint must parse
+        build_parser().parse_args(argv[1:])
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["launcher", "--set", "bogus=1"], "unknown setting 'bogus'"),
+    (["launcher", "--set", "max_gpu_workers=-1"], "max_gpu_workers=-1"),
+    (["kuberay-cluster", "--set", "min_gpu_workers=5"], "min_gpu_workers=5 is above max_gpu_workers=4"),
+])
+def test_render_refuses_bad_settings(args, expected, tmp_path, capsys):
+    out = tmp_path / "x.yaml"
+    assert main(["cluster", "render", args[0], "--out", str(out), *args[1:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdshield: error: ") and expected in err[0]
+    assert not out.exists()
+
+
+def test_experiment_refuses_bad_settings_before_ray(capsys, monkeypatch):
+    import kdshield.cluster.experiment as experiment
+
+    monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: pytest.fail("started"))
+    assert main(["cluster", "experiment", "--out", "x", "--min-workers", "3", "--max-workers", "2"]) == 2
+    assert "min_workers=3 is above max_workers=2" in capsys.readouterr().err
+
+
+# -- the engine refuses an impossible plan before training ----------------------------------------
+
+@pytest.mark.ray
+def test_run_stage_refuses_workers_bigger_than_any_node(ray_local, tmp_path):
+    from test_engine import keyword_table, make_stage
+
+    from kdshield.models import load_tokenizer, resolve_model
+    from kdshield.trainables.engine import run_stage
+
+    model_dir = resolve_model("tiny-bert")
+    stream = ray_local.data.from_arrow(keyword_table(32))
+    with pytest.raises(InputError, match="a worker needs 64 CPU"):
+        run_stage(make_stage(model_dir, load_tokenizer(model_dir), epochs=1), {"train": stream},
+                  ScalingSettings(workers=1, cpus_per_worker=64), storage=tmp_path)
+    assert not list(tmp_path.iterdir())  # refused before Ray Train wrote anything
+
+
+# -- a real multi-node cluster on this machine ----------------------------------------------------
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+class TestMultiNode:
+    """Head (0 CPUs) + worker nodes of 1, 1 and 2 CPUs, each its own raylet."""
+
+    @pytest.fixture(scope="class")
+    def cluster(self):
+        import ray
+
+        from kdshield.cluster import connect
+        from kdshield.cluster.local import multinode_cluster
+
+        restore = ray.is_initialized()
+        ray.shutdown()
+        with multinode_cluster([1, 1, 2], head_cpus=0) as c:
+            yield c
+        if restore:
+            connect(num_cpus=2)  # the session's local Ray, as conftest.ray_local made it
+
+    @pytest.fixture(scope="class")
+    def stream(self, cluster):
+        from test_engine import keyword_table
+
+        from kdshield.models import load_tokenizer, resolve_model
+        from kdshield.trainables.attack import tokenized_stream
+
+        model_dir = resolve_model("tiny-bert")
+        tok = load_tokenizer(model_dir)
+        return model_dir, tok, tokenized_stream(keyword_table(256), model_dir, 16)
+
+    def test_plans_see_the_real_nodes(self, cluster):
+        from kdshield.cluster import cluster_nodes, detect_autoscaler
+
+        nodes = cluster_nodes()
+        assert sorted(n.cpus for n in nodes) == [0, 1, 1, 2]
+        assert detect_autoscaler() is not True
+        assert plan_resources(ScalingSettings(workers=3, placement_strategy="STRICT_SPREAD"),
+                              autoscaler=False).concurrent_trials == 1
+        with pytest.raises(InputError, match="STRICT_SPREAD puts 4 workers"):
+            plan_resources(ScalingSettings(workers=4, placement_strategy="STRICT_SPREAD"), autoscaler=False)
+
+    def test_zero3_spread_over_nodes_matches_one_node(self, cluster, stream, tmp_path):
+        from test_engine import make_stage
+
+        from kdshield.models import load_classifier
+        from kdshield.trainables.engine import run_stage
+
+        model_dir, tok, data = stream
+        head = cluster.head_node.node_id
+        runs = {}
+        for strategy in ("STRICT_SPREAD", "STRICT_PACK"):
+            runs[strategy] = run_stage(make_stage(model_dir, tok, epochs=2), {"train": data},
+                                       ScalingSettings(workers=2, zero=3, placement_strategy=strategy),
+                                       storage=tmp_path / strategy)
+        spread = runs["STRICT_SPREAD"].metrics["worker_nodes"]
+        packed = runs["STRICT_PACK"].metrics["worker_nodes"]
+        assert len(set(spread)) == 2 and head not in spread  # two ranks, two worker nodes
+        assert len(set(packed)) == 1 and head not in packed  # both on the 2-CPU node
+        for a, b in zip(runs["STRICT_SPREAD"].history, runs["STRICT_PACK"].history):
+            assert a["train/loss"] == pytest.approx(b["train/loss"], rel=0.02, abs=1e-3)
+        weights = [load_classifier(str(runs[s].model_dir), 2)[0].state_dict() for s in runs]
+        worst = max(float((weights[0][k].float() - weights[1][k].float()).abs().max()) for k in weights[0])
+        assert worst < 1e-2, worst
+
+    def test_removed_worker_node_resumes_from_checkpoint(self, cluster, stream, tmp_path):
+        """Kill every process of the node running rank 1 after two checkpoints; Ray Train
+        restarts the worker group on the remaining nodes from the last checkpoint."""
+        from test_engine import make_stage
+
+        from kdshield.trainables.engine import run_stage
+
+        model_dir, tok, data = stream
+        pid_dir = tmp_path / "pids"
+        pid_dir.mkdir()
+        removed: list[str] = []
+
+        def remover():
+            deadline = time.time() + 300
+            while time.time() < deadline and not removed:
+                try:
+                    epoch = int((pid_dir / "rank1.pid").read_text().split()[1])
+                    node_id = (pid_dir / "rank1.node").read_text().strip()
+                except (FileNotFoundError, ValueError, IndexError):
+                    epoch, node_id = 0, ""
+                if epoch >= 2:
+                    node = next(n for n in cluster.worker_nodes if n.node_id == node_id)
+                    removed.append(node_id)
+                    cluster.remove_node(node, allow_graceful=False)
+                time.sleep(0.2)
+
+        thread = threading.Thread(target=remover, daemon=True)
+        thread.start()
+        result = run_stage(make_stage(model_dir, tok, epochs=5), {"train": data},
+                           ScalingSettings(workers=2, zero=2, placement_strategy="SPREAD", max_failures=2),
+                           storage=tmp_path / "storage", pid_dir=str(pid_dir))
+        thread.join(timeout=5)
+        assert removed, "the node was never removed"
+        assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5]
+        assert result.metrics["start_epoch"] >= 2  # resumed from a checkpoint, not from scratch
+        assert removed[0] not in result.metrics["worker_nodes"]
+        assert removed[0] in result.history[0]["worker_nodes"]
+        losses = [h["train/loss"] for h in result.history]
+        assert losses[-1] < losses[0]
+
+
+# -- Ray's autoscaler under a search --------------------------------------------------------------
+
+@pytest.mark.ray
+@pytest.mark.timeout(420)
+def test_autoscaling_experiment_scales_up_and_down(tmp_path):
+    """4 one-CPU trials, no starting worker nodes, 2-CPU nodes: the autoscaler must add two
+    nodes under load and remove them once idle. Run as the CLI in its own process (its own head)."""
+    out = tmp_path / "exp"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "kdshield.cli", "cluster", "experiment", "--out", str(out),
+                           "--trials", "4", "--trial-seconds", "8", "--node-cpus", "2", "--max-workers", "2",
+                           "--idle-timeout-minutes", "0.05"], capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((out / "timeline.json").read_text())
+    summary, samples = record["summary"], record["samples"]
+    assert summary["failed_trials"] == 0 and summary["trials"] == 4
+    assert summary["scaled_up"] and summary["peak_worker_nodes"] == 2
+    assert summary["peak_running_trials"] >= 3  # more than one node holds
+    assert summary["scaled_down"]
+    assert samples[-1]["worker_nodes"] == 0
+    nodes = np.array([s["worker_nodes"] for s in samples if "worker_nodes" in s])
+    assert nodes.max() == 2 and nodes[0] == 0
+    assert (out / "timeline.png").stat().st_size > 10_000
