@@ -137,6 +137,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cluster_render(args: argparse.Namespace) -> int:
+    from kdshield.cluster.render import render_to_file
+
+    path = render_to_file(args.kind, args.out, parse_assignments(args.set))
+    print(f"{args.kind} config written to {path}")
+    return 0
+
+
+def cmd_cluster_experiment(args: argparse.Namespace) -> int:
+    from kdshield.cluster.experiment import ExperimentSettings, run_experiment
+
+    values = _picked(args, ["trials", "trial_seconds", "cpus_per_trial", "node_cpus", "min_workers", "max_workers",
+                            "idle_timeout_minutes"])
+    settings = parse_settings(ExperimentSettings, values, source="cluster experiment")
+    run_experiment(settings, args.out)
+    print(f"timeline written to {args.out}/timeline.json and timeline.png")
+    return 0
+
+
+def _add_cluster(sub) -> None:
+    from kdshield.cluster.render import SETTINGS
+
+    cluster = sub.add_parser("cluster", help="deployable cluster configs; autoscaling experiment")
+    csub = cluster.add_subparsers(dest="cluster_command", required=True)
+    lines = [f"{kind}: " + ", ".join(f"{k} (default {v[0]!r})" for k, v in settings.items())
+             for kind, settings in SETTINGS.items()]
+    render = csub.add_parser("render", help="write a cluster launcher / KubeRay config",
+                             description="Settings per kind -- " + "; ".join(lines))
+    render.add_argument("kind", choices=sorted(SETTINGS))
+    render.add_argument("--out", required=True, help="file to write")
+    render.add_argument("--set", action="append", metavar="KEY=VALUE", help="a template setting (repeatable)")
+    render.set_defaults(func=cmd_cluster_render)
+
+    exp = csub.add_parser("experiment", help="Ray's autoscaler (fake_multinode) under a Tune search, timeline")
+    exp.add_argument("--out", required=True, help="directory for timeline.json and timeline.png")
+    exp.add_argument("--trials", type=int, help="trials of the search (default 8)")
+    exp.add_argument("--trial-seconds", type=float, help="seconds each trial holds its CPUs (default 20)")
+    exp.add_argument("--cpus-per-trial", type=int, help="default 1")
+    exp.add_argument("--node-cpus", type=int, help="CPUs of each added node (default 2)")
+    exp.add_argument("--min-workers", type=int, help="worker nodes to start with (default 0)")
+    exp.add_argument("--max-workers", type=int, help="most worker nodes (default 3)")
+    exp.add_argument("--idle-timeout-minutes", type=float, help="idle time before removal (default 0.1)")
+    exp.set_defaults(func=cmd_cluster_experiment)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdshield", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     defend.add_argument("--overwrite", action="store_true", default=None)
     _add_scaling(defend)
     defend.set_defaults(func=cmd_defend)
+
+    _add_cluster(sub)
 
     demo = sub.add_parser("demo", help="the whole story, small and local")
     demo.add_argument("--out", default="kdshield-demo")

@@ -73,8 +73,6 @@ class _Sampler:
     def __init__(self, t0: float, sample_s: float):
         self.t0, self.sample_s = t0, sample_s
         self.samples: list[dict[str, Any]] = []
-        self.running_trials = 0
-        self.finished_trials = 0
         self.phase = "idle"
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -109,8 +107,8 @@ class _Sampler:
             launching = sum((report.get("pending_launches") or {}).values()) + len(report.get("pending_nodes") or [])
         return {"t": round(time.time() - self.t0, 2), "phase": self.phase, "worker_nodes": len(workers),
                 "cpus_total": total, "cpus_used": total - free, "pending_cpus": pending_cpus,
-                "launching_nodes": launching, "running_trials": self.running_trials,
-                "finished_trials": self.finished_trials}
+                "launching_nodes": launching, "running_trials": _TRIALS["running"],
+                "finished_trials": _TRIALS["finished"]}
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -121,21 +119,26 @@ class _Sampler:
             self._stop.wait(self.sample_s)
 
 
-def _trial_callback(sampler: _Sampler):
+# Trial counts of the search running in this process, kept by the Tune callback below (which
+# Tune pickles with its state: it holds no reference to the sampler and its thread).
+_TRIALS = {"running": 0, "finished": 0}
+
+
+def _trial_callback():
     from ray.tune import Callback
 
-    class Counter(Callback):
+    class TrialCounter(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
-            sampler.running_trials += 1
+            _TRIALS["running"] += 1
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            sampler.running_trials -= 1
-            sampler.finished_trials += 1
+            _TRIALS["running"] -= 1
+            _TRIALS["finished"] += 1
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            sampler.running_trials -= 1
+            _TRIALS["running"] -= 1
 
-    return Counter()
+    return TrialCounter()
 
 
 def summarise(samples: list[dict[str, Any]], settings: ExperimentSettings, search_end: float) -> dict[str, Any]:
@@ -213,6 +216,7 @@ def run_experiment(settings: ExperimentSettings, out: str | Path, *, log=print) 
         if not wait_for(lambda: workers_alive() >= settings.min_workers, timeout=180):
             raise RuntimeError(f"the {settings.min_workers} starting node(s) did not come up")
         t0 = time.time()
+        _TRIALS.update(running=0, finished=0)
         sampler = _Sampler(t0, settings.sample_s)
         sampler.phase = "search"
         sampler.start()
@@ -224,7 +228,7 @@ def run_experiment(settings: ExperimentSettings, out: str | Path, *, log=print) 
             param_space={"seconds": settings.trial_seconds, "x": tune.grid_search(list(range(settings.trials)))},
             tune_config=tune.TuneConfig(),
             run_config=tune.RunConfig(name="autoscaling", storage_path=str(out / "tune"),
-                                      callbacks=[_trial_callback(sampler)], verbose=0))
+                                      callbacks=[_trial_callback()], verbose=0))
         results = tuner.fit()
         search_end = time.time() - t0
         sampler.phase = "idle"

@@ -104,9 +104,9 @@ def detect_autoscaler() -> bool | None:
     """
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
 
-    from kdshield.cluster import connect as connect_module
+    from kdshield.cluster.connect import started_local
 
-    if connect_module.started_local():
+    if started_local():
         return False
     if os.environ.get("RAY_enable_autoscaler_v2", "0") not in ("", "0"):
         return True

@@ -7,7 +7,8 @@ The driver side (:func:`run_stage`) builds a ``TorchTrainer`` whose workers each
 2. resume from ``ray.train.get_checkpoint()`` when Ray restarts them after a failure;
 3. for every epoch run the stage's phases in order, each phase one pass over the worker's shard
    of its Ray Dataset stream (padded per batch by :func:`kdshield.datasets.pad_collate`);
-4. report every epoch's metrics; save a DeepSpeed checkpoint on every rank with the report when
+4. report every epoch's metrics (``worker_nodes``: the Ray node id of each rank, in rank order);
+   save a DeepSpeed checkpoint on every rank with the report when
    ``checkpoint_interval_s`` has passed since the last one (rank 0 decides for all); after the
    last epoch rank 0 writes the trained model as a Hugging Face directory (``hf_model/``,
    safetensors) into the final checkpoint.
@@ -115,6 +116,11 @@ def _train_worker(config: dict[str, Any]) -> None:
                                            config=deepspeed_config(train, scaling))
     if world == 1 and scaling.zero == 0:
         engine.enable_backward_allreduce = False  # an all-reduce over one rank only copies gradients
+    node_id = ray.get_runtime_context().get_node_id()
+    worker_nodes = [node_id]
+    if world > 1:  # which Ray node each rank runs on, reported with every epoch (rank order)
+        worker_nodes = [None] * world
+        dist.all_gather_object(worker_nodes, node_id)
 
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -135,7 +141,8 @@ def _train_worker(config: dict[str, Any]) -> None:
     engine.train()
     last_checkpoint = time.monotonic()
     for epoch in range(start_epoch, train.epochs):
-        if config.get("pid_dir"):  # lets fault-injection tests find and kill a worker mid-run
+        if config.get("pid_dir"):  # lets fault-injection tests find and kill a worker (or its node) mid-run
+            Path(config["pid_dir"], f"rank{rank}.node").write_text(node_id)
             Path(config["pid_dir"], f"rank{rank}.pid").write_text(f"{os.getpid()} {epoch}")
         t0 = time.perf_counter()
         sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
@@ -171,7 +178,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         if world > 1:
             dist.all_reduce(totals)
         metrics = {k: float(t[0] / max(t[1], 1)) for k, t in zip(keys, totals)}
-        metrics.update(epoch=epoch + 1, epoch_seconds=seconds, start_epoch=start_epoch,
+        metrics.update(epoch=epoch + 1, epoch_seconds=seconds, start_epoch=start_epoch, worker_nodes=worker_nodes,
                        samples_per_s=samples * world / max(seconds, 1e-9), lr=scheduler.get_last_lr()[0])
         history.append(metrics)
         if rank == 0:
@@ -233,6 +240,9 @@ def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *
     empty = [name for name, n in counts.items() if n < scaling.workers]
     if empty:
         raise ValueError(f"stage {stage.name!r}: streams {empty} have fewer rows than workers")
+    from kdshield.cluster.plan import plan_resources
+
+    plan_resources(scaling)  # workers that can never be placed: one InputError line, not a hang
     use_gpu = scaling.gpus_per_worker > 0
     resources = {"CPU": scaling.cpus_per_worker}
     if use_gpu:
