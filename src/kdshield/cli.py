@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.set_defaults(func=cmd_attack)
 
     defend = sub.add_parser("defend", help="remove a backdoor by distillation, write OUT")
-    defend.add_argument("--method", choices=["bedkd", "ft", "kd"], help="the defense (or `method:` in --config)")
+    defend.add_argument("--method", choices=["bedkd", "ft", "kd", "ts-ft", "mbtsad", "robustkd", "feature-kd"], help="the defense (or `method:` in --config)")
     defend.add_argument("--run", help="a RUN directory from `kdshield attack` (supplies model and data)")
     defend.add_argument("--model", help="the suspect model (local HF dir, safetensors) without --run")
     defend.add_argument("--train", help="the suspect training set")

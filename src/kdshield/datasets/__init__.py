@@ -18,6 +18,7 @@ from kdshield.datasets.attacks import (
     select_poison_indices,
     triggered_test,
 )
+from kdshield.datasets.augment import split_count, split_tokens, token_split_dataset, token_split_table
 from kdshield.datasets.corpora import (
     CORPORA,
     Corpus,
@@ -46,7 +47,8 @@ __all__ = [
     "load_corpus", "normalize_batch", "normalize_table", "num_labels_of",
     "pad_collate", "poison_count", "poison_dataset", "poison_table", "read_dataset",
     "read_table", "select_poison_indices", "stratified_split", "tokenize_dataset",
-    "triggered_test", "write_table", "PadCollate",
+    "triggered_test", "write_table", "PadCollate", "split_count", "split_tokens",
+    "token_split_dataset", "token_split_table",
 ]
 
 

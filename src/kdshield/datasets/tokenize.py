@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 HIDDEN_SEQ = "hidden_seq"
+LAYER_SEQ = "layer_seq"
+TOKEN_MAP = "token_map"
 
 
 class _Tokenize:
@@ -161,6 +163,44 @@ def _pad_hidden(name: str, values, lengths: list[int], longest: int,
     return out
 
 
+def _pad_token_axes(name: str, values, lengths: list[int], longest: int, side: str,
+                    axes: tuple[int, ...]) -> torch.Tensor:
+    """Pad a column of per-token float arrays (row i: ``axes`` of length ``lengths[i]``, e.g.
+    ``[K, L_i, H]`` with axes (1,) or ``[K, L_i, L_i]`` with axes (1, 2)) with zeros to
+    ``longest`` along those axes, on ``side``, into one ``[B, ...]`` FloatTensor."""
+    import torch
+
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        rows = list(values)
+    else:
+        rows = [np.asarray(v, dtype=np.float32) for v in values]
+    if len(rows) != len(lengths):
+        raise InputError(f"pad_collate: column '{name}' has {len(rows)} rows, its input_ids "
+                         f"column {len(lengths)}")
+    rank = max(axes) + 1
+    if any(r.ndim < rank for r in rows):
+        raise InputError(f"pad_collate: column '{name}' rows must have at least {rank} axes, got "
+                         f"shapes {sorted({r.shape for r in rows})}")
+    fixed = {tuple(d for a, d in enumerate(r.shape) if a not in axes) for r in rows}
+    if len(fixed) > 1:
+        raise InputError(f"pad_collate: column '{name}' rows differ in their non-token axes: "
+                         f"{sorted(fixed)}")
+    shape = list(rows[0].shape) if rows else [0] * rank
+    for a in axes:
+        shape[a] = longest
+    out = torch.zeros((len(rows), *shape), dtype=torch.float32)
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        if any(row.shape[a] != n for a in axes):
+            raise InputError(f"pad_collate: row {i} of '{name}' has shape {row.shape}, its "
+                             f"input_ids row {n} tokens")
+        if n == 0:
+            continue
+        cols = slice(longest - n, longest) if side == "left" else slice(0, n)
+        index = tuple(cols if a in axes else slice(None) for a in range(row.ndim))
+        out[i][index] = torch.from_numpy(np.asarray(row, dtype=np.float32))
+    return out
+
+
 def _side(padding_side: Mapping[str, str] | str, name: str) -> str:
     side = padding_side if isinstance(padding_side, str) else padding_side.get(name, "right")
     if side not in ("left", "right"):
@@ -187,6 +227,10 @@ def pad_collate(batch: Mapping[str, np.ndarray], *, pad_ids: Mapping[str, int],
       when the batch has it (``teacher_hidden_seq`` follows ``teacher_input_ids``), else
       ``input_ids``. Row i must have exactly as many positions as that column's row i has
       tokens (InputError otherwise), so position j of the padded tensor is token j's vector;
+    * likewise every ``*layer_seq`` column (rows ``[K, l_i, H]``, e.g. every layer's hidden
+      states) -> ``(B, K, max l_i, H)`` and every ``*token_map`` column (rows
+      ``[K, l_i, l_i]``, e.g. per-layer token-by-token attention maps) ->
+      ``(B, K, max l_i, max l_i)``, zero-padded along their token axes;
     * text columns and incoming ``*attention_mask`` columns are dropped.
     """
     import torch
@@ -200,16 +244,21 @@ def pad_collate(batch: Mapping[str, np.ndarray], *, pad_ids: Mapping[str, int],
             ids, mask = _pad(_sequences(values), int(pad_ids[name]), _side(padding_side, name))
             out[name] = ids
             out[name[: -len(INPUT_IDS)] + ATTENTION_MASK] = mask
-        elif name.endswith(HIDDEN_SEQ):
-            ids_name = name[: -len(HIDDEN_SEQ)] + INPUT_IDS
+        elif name.endswith((HIDDEN_SEQ, LAYER_SEQ, TOKEN_MAP)):
+            suffix = next(x for x in (HIDDEN_SEQ, LAYER_SEQ, TOKEN_MAP) if name.endswith(x))
+            ids_name = name[: -len(suffix)] + INPUT_IDS
             if ids_name not in batch:
                 ids_name = INPUT_IDS
             if ids_name not in batch:
                 raise InputError(f"pad_collate: column '{name}' needs an input_ids column to "
                                  f"align with; the batch has {', '.join(batch) or 'none'}")
             lengths = [int(s.size) for s in _sequences(batch[ids_name])]
-            out[name] = _pad_hidden(name, values, lengths, max(lengths, default=0),
-                                    _side(padding_side, ids_name))
+            side = _side(padding_side, ids_name)
+            if suffix == HIDDEN_SEQ:
+                out[name] = _pad_hidden(name, values, lengths, max(lengths, default=0), side)
+            else:
+                out[name] = _pad_token_axes(name, values, lengths, max(lengths, default=0), side,
+                                            (1,) if suffix == LAYER_SEQ else (1, 2))
         elif name.endswith(ATTENTION_MASK) or _is_text(np.asarray(values)):
             continue
         else:

@@ -5,11 +5,23 @@ Hugging Face model output of the batch and ``batch`` the padded tensors from the
 (``input_ids``, ``attention_mask``, ``label`` and any cached teacher columns). Class attributes
 tell the engine which extra outputs the forward pass must return, so nothing is computed that
 no loss reads.
+
+Two optional hooks let a loss go beyond ``outputs``:
+
+* ``module``: an ``nn.Module`` of the loss's own trainable parameters (connectors, masks ...).
+  The engine trains it together with the stage's model (same optimizer, same DeepSpeed
+  engine, same checkpoints) and exports its state as safetensors with the stage's result.
+  Call its submodules (their ``forward``) rather than reading raw parameters, so ZeRO-3 can
+  gather them.
+* ``capture(model, batch)``: a context manager wrapped around the forward pass, for losses
+  that need intermediate values (e.g. per-layer attention maps reduced as soon as each layer
+  produces them, instead of keeping all of them until the loss runs).
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +32,11 @@ class StageLoss(abc.ABC):
 
     needs_hidden_states: bool = False
     needs_attentions: bool = False
+    module: torch.nn.Module | None = None
+
+    def capture(self, model, batch: dict[str, torch.Tensor]):
+        """Context manager around the forward pass of ``model`` on ``batch`` (default: nothing)."""
+        return contextlib.nullcontext()
 
     @abc.abstractmethod
     def __call__(self, outputs, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -4,7 +4,10 @@
 """
 
 from kdshield.models.loading import (
+    block_list_name,
+    check_keep_layers,
     check_safe_weights,
+    count_parameters,
     describe,
     hidden_size,
     load_classifier,
@@ -12,6 +15,7 @@ from kdshield.models.loading import (
     load_tokenizer,
     model_family,
     num_layers,
+    reduced_copy,
     save_classifier,
 )
 from kdshield.models.presets import PRESETS, Preset, resolve_model
@@ -19,7 +23,10 @@ from kdshield.models.presets import PRESETS, Preset, resolve_model
 __all__ = [
     "PRESETS",
     "Preset",
+    "block_list_name",
+    "check_keep_layers",
     "check_safe_weights",
+    "count_parameters",
     "describe",
     "hidden_size",
     "load_classifier",
@@ -27,6 +34,7 @@ __all__ = [
     "load_tokenizer",
     "model_family",
     "num_layers",
+    "reduced_copy",
     "resolve_model",
     "save_classifier",
 ]

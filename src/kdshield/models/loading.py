@@ -159,8 +159,16 @@ def load_classifier(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str | None = None,
     tokenizer=None,
+    keep_layers: tuple[int, ...] | list[int] | None = None,
+    init: str = "pretrained",
 ):
     """``(model, tokenizer)``: a sequence classifier with ``num_labels`` outputs.
+
+    ``keep_layers`` (0-based transformer block indices, strictly ascending) returns a
+    reduced-depth copy instead: the same architecture with only those blocks, block ``j`` of
+    the copy holding the weights of block ``keep_layers[j]`` (embeddings, final norm and head
+    copied too). ``init="random"`` keeps the (reduced) architecture but initialises every
+    weight afresh (seeded by the torch RNG), e.g. for a student trained from scratch.
 
     Weights load from safetensors only, without custom code. A checkpoint without a
     classification head (a base or causal LM) gets a freshly initialised one; a classifier
@@ -199,7 +207,86 @@ def load_classifier(
     model = _open(AutoModelForSequenceClassification, name, path, "weights", config=config,
                   dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=replace_head,
                   **kwargs)
+    if keep_layers is not None or init != "pretrained":
+        model = reduced_copy(model, keep_layers, init=init)
     return model, tokenizer
+
+
+def block_list_name(model) -> str:
+    """Qualified name of the ``nn.ModuleList`` holding a model's transformer blocks
+    (``bert.encoder.layer``, ``model.layers`` ...): the first ModuleList with
+    ``num_hidden_layers`` entries."""
+    n = num_layers(model.config)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return name
+    raise InputError(f"cannot find the {n} transformer blocks of a {type(model).__name__}")
+
+
+def check_keep_layers(keep_layers, n_layers: int, what: str = "keep_layers") -> tuple[int, ...]:
+    """``keep_layers`` as a tuple after checking it is non-empty, strictly ascending and
+    within ``[0, n_layers)``; InputError otherwise."""
+    keep = tuple(int(i) for i in keep_layers)
+    if not keep:
+        raise InputError(f"{what}: keep at least one of the {n_layers} blocks")
+    bad = [i for i in keep if not 0 <= i < n_layers]
+    if bad:
+        raise InputError(f"{what}: block(s) {bad} do not exist; the model has blocks 0..{n_layers - 1}")
+    if any(b <= a for a, b in zip(keep, keep[1:])):
+        raise InputError(f"{what}: {list(keep)} must be strictly ascending")
+    return keep
+
+
+def reduced_copy(model, keep_layers=None, *, init: str = "pretrained"):
+    """A new model of ``model``'s class keeping only the blocks ``keep_layers`` (all when None);
+    weights copied from ``model`` (``init="pretrained"``) or freshly initialised (``"random"``).
+    Per-layer config lists (``layer_types``) are subset to match."""
+    import copy
+    import re
+
+    if init not in ("pretrained", "random"):
+        raise InputError(f"init must be 'pretrained' or 'random', not {init!r}")
+    n = num_layers(model.config)
+    keep = check_keep_layers(range(n) if keep_layers is None else keep_layers, n)
+    prefix = block_list_name(model)
+    config = copy.deepcopy(model.config)
+    for cfg in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+        cfg.num_hidden_layers = len(keep)
+        if isinstance(getattr(cfg, "layer_types", None), list):
+            cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    small = type(model)(config).to(next(model.parameters()).dtype)
+    if init == "pretrained":
+        pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
+        new_index = {old: new for new, old in enumerate(keep)}
+        state = {}
+        for key, value in model.state_dict().items():
+            m = pattern.match(key)
+            if m is None:
+                state[key] = value
+            elif int(m.group(1)) in new_index:
+                state[f"{prefix}.{new_index[int(m.group(1))]}.{m.group(2)}"] = value
+        small.load_state_dict(state, strict=True)
+    return small
+
+
+def count_parameters(model_dir: str | os.PathLike) -> int:
+    """Number of weights stored in a model directory's safetensors files (read from their
+    headers; nothing is loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise InputError(f"model directory {os.fspath(model_dir)!r} holds no safetensors weights")
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                shape = st.get_slice(key).get_shape()
+                count = 1
+                for d in shape:
+                    count *= int(d)
+                total += count
+    return total
 
 
 def save_classifier(model, tokenizer, out_dir: str | os.PathLike) -> Path:

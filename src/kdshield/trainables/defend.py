@@ -33,15 +33,16 @@ from pydantic import Field
 
 from kdshield.config import ScalingSettings, TrainSettings, _Settings, parse_settings
 from kdshield.errors import InputError
+from kdshield.trainables import defend_feature
 from kdshield.trainables.runs import check_out_dir, say, staged, write_json
 
-METHODS = ("bedkd", "ft", "kd")
+METHODS = ("bedkd", "ft", "kd", "ts-ft", "mbtsad", "robustkd", "feature-kd")  # the last four: defend_feature.py
 
 
 class DefendJob(_Settings):
     """Settings of ``kdshield defend``; ``params`` are the method's own (validated separately)."""
 
-    method: Literal["bedkd", "ft", "kd"]
+    method: Literal["bedkd", "ft", "kd", "ts-ft", "mbtsad", "robustkd", "feature-kd"]
     run: str | None = Field(None, description="a RUN directory of `kdshield attack` (supplies all inputs)")
     model: str | None = Field(None, description="the suspect model: local HF dir (safetensors) or hub id")
     train: str | None = Field(None, description="the suspect (possibly poisoned) training set")
@@ -77,8 +78,9 @@ class Inputs:
 
 def method_config(job: DefendJob):
     from kdshield.defenses.bedkd import BeDKDConfig
+    from kdshield.trainables.defend_feature import configs
 
-    return parse_settings(BeDKDConfig, job.params, source=f"{job.method} settings")
+    return parse_settings(configs().get(job.method, BeDKDConfig), job.params, source=f"{job.method} settings")
 
 
 def resolve_inputs(job: DefendJob) -> Inputs:
@@ -281,6 +283,7 @@ def run_bedkd(d: Defense) -> tuple[str, dict]:
 
 
 RECIPES = {"bedkd": run_bedkd, "ft": run_ft, "kd": run_kd}
+RECIPES.update(defend_feature.RECIPES)  # ts-ft, mbtsad, robustkd, feature-kd
 
 
 def run_defend(job: DefendJob) -> dict:
@@ -295,6 +298,8 @@ def run_defend(job: DefendJob) -> dict:
         say(f"{out} already holds this exact result; nothing to do")
         return json.loads((out / "metrics.json").read_text())
     inputs = resolve_inputs(job)
+    if job.method in defend_feature.RECIPES:
+        defend_feature.check(job, inputs)  # model-dependent settings, still before any Ray work
     connect(job.scaling.address)
     with staged(out) as work:
         defense = Defense(job, inputs, work)

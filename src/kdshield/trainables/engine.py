@@ -13,6 +13,11 @@ The driver side (:func:`run_stage`) builds a ``TorchTrainer`` whose workers each
    last epoch rank 0 writes the trained model as a Hugging Face directory (``hf_model/``,
    safetensors) into the final checkpoint.
 
+A loss may own extra trainable parameters (:attr:`StageLoss.module`: connectors, masks ...):
+they are wrapped with the model in one :class:`StageModule`, so DeepSpeed optimises,
+shards and checkpoints them with it, and rank 0 exports them as ``extras.safetensors`` next to
+``hf_model/``. A stage without a model (``Stage.model is None``) trains only such modules.
+
 Nothing here knows about attacks or defenses: they differ only in their stages.
 """
 
@@ -29,10 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kdshield.config import ScalingSettings, TrainSettings
 from kdshield.trainables.stage import Stage
 
 HF_MODEL_DIR = "hf_model"
+EXTRAS_FILE = "extras.safetensors"
 DS_TAG = "ds"
 STATE_FILE = "kdshield_state.json"
 
@@ -41,11 +49,32 @@ STATE_FILE = "kdshield_state.json"
 class StageResult:
     """What a finished stage leaves behind."""
 
-    model_dir: Path          # Hugging Face directory of the trained model (safetensors)
+    model_dir: Path | None   # Hugging Face directory of the trained model (None: no model)
     metrics: dict[str, Any]  # the last epoch's metrics as reported by rank 0
     history: list[dict[str, Any]]  # every epoch's metrics, in order
     seconds: float
     checkpoint_path: Path
+    extras_path: Path | None = None  # the losses' own modules' state (safetensors), if any
+
+    def extras(self) -> dict[str, torch.Tensor]:
+        """The losses' trained modules' state dict, keyed ``{phase label}.{state key}``."""
+        if self.extras_path is None:
+            return {}
+        from safetensors.torch import load_file
+
+        return load_file(str(self.extras_path))
+
+
+class StageModule(torch.nn.Module):
+    """What DeepSpeed wraps: the stage's model (or None) and its losses' own modules."""
+
+    def __init__(self, model: torch.nn.Module | None, extras: dict[str, torch.nn.Module]):
+        super().__init__()
+        self.model = model
+        self.extras = torch.nn.ModuleDict(extras)
+
+    def forward(self, **kwargs):
+        return None if self.model is None else self.model(**kwargs)
 
 
 def deepspeed_config(train: TrainSettings, scaling: ScalingSettings) -> dict[str, Any]:
@@ -71,19 +100,28 @@ def _linear_schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
-def _export_hf_model(engine, tokenizer, out_dir: Path, *, rank: int, zero: int) -> None:
-    """Write the engine's module as a HF directory from rank 0 (gathering ZeRO-3 shards)."""
+def _export(engine, tokenizer, out: Path, *, rank: int, zero: int) -> None:
+    """From rank 0 (gathering ZeRO-3 shards): the model as a HF directory ``out/hf_model``
+    and the losses' modules as ``out/extras.safetensors``."""
+    import contextlib
+
     import deepspeed
+    from safetensors.torch import save_file
 
     from kdshield.models import save_classifier
 
-    module = engine.module
-    if zero == 3:
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            if rank == 0:
-                save_classifier(module, tokenizer, out_dir)
-    elif rank == 0:
-        save_classifier(module, tokenizer, out_dir)
+    module: StageModule = engine.module
+    gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+              if zero == 3 else contextlib.nullcontext())
+    with gather:
+        if rank != 0:
+            return
+        if module.model is not None:
+            save_classifier(module.model, tokenizer, out / HF_MODEL_DIR)
+        if len(module.extras):
+            state = {k: v.detach().float().cpu().contiguous().clone()
+                     for k, v in module.extras.state_dict().items()}
+            save_file(state, str(out / EXTRAS_FILE))
 
 
 def _train_worker(config: dict[str, Any]) -> None:
@@ -104,15 +142,21 @@ def _train_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(scaling.cpus_per_worker)))
     torch.manual_seed(train.seed)
 
-    model, tokenizer = load_classifier(stage.model.source, stage.model.num_labels,
-                                       attn_implementation=stage.model.attn_implementation)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    spec, model, tokenizer = stage.model, None, None
+    if spec is not None:
+        model, tokenizer = load_classifier(spec.source, spec.num_labels,
+                                           attn_implementation=spec.attn_implementation,
+                                           keep_layers=spec.keep_layers, init=spec.init)
+    module = StageModule(model, stage.loss_modules())
+    module.train()
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"stage {stage.name!r} has nothing to train")
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     total_steps = config["steps_per_epoch"] * train.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _linear_schedule(total_steps, int(train.warmup_ratio * total_steps)))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(train, scaling))
     if world == 1 and scaling.zero == 0:
         engine.enable_backward_allreduce = False  # an all-reduce over one rank only copies gradients
@@ -134,8 +178,13 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     teacher = None
     if stage.live_teacher is not None:
-        teacher, _ = load_classifier(stage.live_teacher.source, stage.live_teacher.num_labels)
+        from kdshield.models import model_family
+        from kdshield.trainables.inference import model_outputs
+
+        teacher, _ = load_classifier(stage.live_teacher.source, stage.live_teacher.num_labels,
+                                     attn_implementation=stage.live_teacher.attn_implementation)
         teacher.eval().requires_grad_(False)
+        family = model_family(teacher.config)
     collate = PadCollate(stage.pad_ids, stage.padding_side)
     device = engine.device
     engine.train()
@@ -156,14 +205,21 @@ def _train_worker(config: dict[str, Any]) -> None:
             for batch in batches:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 if teacher is not None:
-                    batch.update(_teacher_columns(teacher, batch))
-                outputs = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 output_hidden_states=phase.loss.needs_hidden_states,
-                                 output_attentions=phase.loss.needs_attentions)
+                    with torch.no_grad():
+                        cols = model_outputs(teacher, batch["input_ids"], batch["attention_mask"],
+                                             stage.live_teacher_outputs, family)
+                    batch.update({f"teacher_{k}": v for k, v in cols.items()})
+                with phase.loss.capture(module.model, batch):
+                    if module.model is None:
+                        outputs = engine()
+                    else:
+                        outputs = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                         output_hidden_states=phase.loss.needs_hidden_states,
+                                         output_attentions=phase.loss.needs_attentions)
                 loss, logs = phase.loss(outputs, batch)
                 engine.backward(loss)
                 engine.step()
-                n = batch["input_ids"].shape[0]
+                n = len(batch["label"]) if "label" in batch else next(iter(batch.values())).shape[0]
                 samples += n
                 for key, value in {"loss": loss.item(), **logs}.items():
                     sums[f"{phase.label}/{key}"] += torch.tensor([value * n, n], dtype=torch.float64)
@@ -178,6 +234,9 @@ def _train_worker(config: dict[str, Any]) -> None:
         if world > 1:
             dist.all_reduce(totals)
         metrics = {k: float(t[0] / max(t[1], 1)) for k, t in zip(keys, totals)}
+        import resource
+
+        metrics.update(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # this process, KB
         metrics.update(epoch=epoch + 1, epoch_seconds=seconds, start_epoch=start_epoch, worker_nodes=worker_nodes,
                        samples_per_s=samples * world / max(seconds, 1e-9), lr=scheduler.get_last_lr()[0])
         history.append(metrics)
@@ -194,7 +253,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             continue
         with tempfile.TemporaryDirectory(prefix="kdshield-ckpt-") as tmp:
             if final:
-                _export_hf_model(engine, tokenizer, Path(tmp, HF_MODEL_DIR), rank=rank, zero=scaling.zero)
+                _export(engine, tokenizer, Path(tmp), rank=rank, zero=scaling.zero)
             else:
                 engine.save_checkpoint(tmp, tag=DS_TAG)
             if rank == 0:
@@ -275,8 +334,10 @@ def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *
         raise result.error
     ckpt = Path(result.checkpoint.path)
     state = json.loads((ckpt / STATE_FILE).read_text())
-    return StageResult(model_dir=ckpt / HF_MODEL_DIR, metrics=dict(result.metrics or state["history"][-1]),
-                       history=state["history"], seconds=seconds, checkpoint_path=ckpt)
+    return StageResult(model_dir=ckpt / HF_MODEL_DIR if stage.model is not None else None,
+                       metrics=dict(result.metrics or state["history"][-1]),
+                       history=state["history"], seconds=seconds, checkpoint_path=ckpt,
+                       extras_path=ckpt / EXTRAS_FILE if (ckpt / EXTRAS_FILE).is_file() else None)
 
 
 def copy_model(src: Path, dst: Path) -> Path:

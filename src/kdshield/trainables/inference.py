@@ -13,22 +13,89 @@ import numpy as np
 
 from kdshield.evaluation import asr, cacc
 
-OUTPUTS = ("logits", "pooled", "hidden_states", "hidden_seq")
+OUTPUTS = ("logits", "pooled", "hidden_states", "hidden_seq", "layer_seq", "ae_token_map")
+#: Outputs that are one entry per token (unpadded per row in cached columns).
+TOKEN_OUTPUTS = ("hidden_seq", "layer_seq", "ae_token_map")
+
+
+def model_outputs(model, ids, mask, outputs: tuple[str, ...], family: str) -> dict[str, Any]:
+    """A frozen model's outputs on one padded batch, as float32 tensors padded like ``ids``
+    (``ids``, ``mask`` [B, L]); the keys are the names in ``outputs``:
+
+    * ``logits`` [B, C];
+    * ``pooled`` [B, H]: the last hidden state at [CLS] (encoders) or the last real token;
+    * ``hidden_states`` [B, N+1, H]: every hidden state (embeddings, then each of the N
+      blocks), pooled that way;
+    * ``hidden_seq`` [B, L, H]: the last hidden state of every token (zero on padding);
+    * ``layer_seq`` [B, N+1, L, H]: every hidden state of every token (zero on padding);
+    * ``ae_token_map`` [B, N, L, L]: per block, MBTSAD's attention enhancement
+      ``sum_heads a^2`` of the softmax attention (zero on padded rows and columns). Needs a
+      model loaded with ``attn_implementation="eager"``; each block's map is reduced over
+      heads as soon as the block has run (:func:`kdshield.models.attention.tap_attentions`).
+
+    Run it under ``torch.no_grad()`` or ``torch.inference_mode()``.
+    """
+    import contextlib
+
+    import torch
+
+    from kdshield.models.attention import attention_enhancement, tap_attentions
+    from kdshield.models.pooling import pool
+
+    unknown = set(outputs) - set(OUTPUTS)
+    if unknown:
+        raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
+    need_hidden = any(o in outputs for o in ("pooled", "hidden_states", "hidden_seq", "layer_seq"))
+    maps: list[torch.Tensor] = []
+    tap = (tap_attentions(model, lambda layer, probs: maps.append(attention_enhancement(probs)))
+           if "ae_token_map" in outputs else contextlib.nullcontext())
+    with tap:
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden)
+    m = mask.to(torch.float32)
+    result: dict[str, Any] = {}
+    if "logits" in outputs:
+        result["logits"] = out.logits.float()
+    if "pooled" in outputs:
+        result["pooled"] = pool(out.hidden_states[-1], mask, family).float()
+    if "hidden_states" in outputs:
+        result["hidden_states"] = torch.stack([pool(h, mask, family) for h in out.hidden_states], 1).float()
+    if "hidden_seq" in outputs:
+        result["hidden_seq"] = out.hidden_states[-1].float() * m[:, :, None]
+    if "layer_seq" in outputs:
+        result["layer_seq"] = torch.stack(out.hidden_states, 1).float() * m[:, None, :, None]
+    if "ae_token_map" in outputs:
+        result["ae_token_map"] = torch.stack(maps, 1) * (m[:, None, :, None] * m[:, None, None, :])
+    return result
+
+
+def cache_bytes(lengths, outputs: tuple[str, ...], *, layers: int, hidden: int, num_labels: int) -> int:
+    """Bytes (float32) that caching ``outputs`` costs for rows of token counts ``lengths``."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    per = {"logits": np.full_like(lengths, num_labels), "pooled": np.full_like(lengths, hidden),
+           "hidden_states": np.full_like(lengths, (layers + 1) * hidden), "hidden_seq": lengths * hidden,
+           "layer_seq": (layers + 1) * lengths * hidden, "ae_token_map": layers * lengths ** 2}
+    return int(4 * sum(int(per[o].sum()) for o in outputs))
 
 
 class BatchPredictor:
     """A Ray Data actor holding one model; adds its outputs as columns to each batch.
 
-    ``outputs`` chooses among ``logits`` (float32 [C]), ``pooled`` (float32 [H]: the last hidden
-    state at [CLS] or at the last non-pad token) and ``hidden_states`` (float32 [layers+1, H]:
-    every layer's pooled state) and ``hidden_seq`` (float32 [L_i, H]: the last hidden state of every
-    real token of the row, unpadded, re-padded per batch by pad_collate). Columns are prefixed with ``prefix``; ``input_key`` names the
-    token-id column to read (``{input_key}`` and its padding come from pad_collate).
+    ``outputs`` chooses among the outputs of :func:`model_outputs`: ``logits`` (float32 [C]),
+    ``pooled`` ([H]), ``hidden_states`` ([layers+1, H]: every layer's pooled state) and the
+    per-token ones, stored unpadded (only the row's real tokens) and re-padded per batch by
+    pad_collate: ``hidden_seq`` ([L_i, H]), ``layer_seq`` ([layers+1, L_i, H]) and
+    ``ae_token_map`` ([layers, L_i, L_i]; loads the model with eager attention). Columns are
+    prefixed with ``prefix``; ``input_key`` names the token-id column to read (``{input_key}``
+    and its padding come from pad_collate).
+
+    Cost of caching (float32, per row of L_i tokens, N layers, width H): ``hidden_seq``
+    4 L_i H bytes, ``layer_seq`` 4 (N+1) L_i H, ``ae_token_map`` 4 N L_i^2
+    (:func:`cache_bytes`); e.g. MiniLM (N 6, H 384) at 48 tokens: 74 KB, 516 KB and 55 KB.
     """
 
     def __init__(self, model_dir: str, num_labels: int, *, outputs: tuple[str, ...] = ("logits",),
                  prefix: str = "", input_key: str = "input_ids", pad_ids: dict[str, int] | None = None,
-                 padding_side: str = "right", threads: int = 1):
+                 padding_side: str = "right", threads: int = 1, attn_implementation: str | None = None):
         import torch
 
         from kdshield.models import load_classifier, model_family
@@ -36,8 +103,10 @@ class BatchPredictor:
         unknown = set(outputs) - set(OUTPUTS)
         if unknown:
             raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
+        if "ae_token_map" in outputs:
+            attn_implementation = "eager"
         torch.set_num_threads(max(1, threads))
-        self.model, _ = load_classifier(model_dir, num_labels)
+        self.model, _ = load_classifier(model_dir, num_labels, attn_implementation=attn_implementation)
         self.model.eval()
         self.family = model_family(self.model.config)
         self.outputs, self.prefix, self.input_key = outputs, prefix, input_key
@@ -47,36 +116,38 @@ class BatchPredictor:
         import torch
 
         from kdshield.datasets import pad_collate
-        from kdshield.models.pooling import pool
 
         tensors = pad_collate({self.input_key: batch[self.input_key]}, pad_ids=self.pad_ids,
                               padding_side=self.padding_side)
         mask_key = self.input_key.replace("input_ids", "attention_mask")
         ids, mask = tensors[self.input_key], tensors[mask_key]
-        need_hidden = any(o in self.outputs for o in ("pooled", "hidden_states", "hidden_seq"))
         with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=need_hidden)
+            out = model_outputs(self.model, ids, mask, self.outputs, self.family)
         result = dict(batch)
-        if "logits" in self.outputs:
-            result[f"{self.prefix}logits"] = out.logits.float().numpy()
-        if "pooled" in self.outputs:
-            result[f"{self.prefix}pooled"] = pool(out.hidden_states[-1], mask, self.family).float().numpy()
-        if "hidden_states" in self.outputs:
-            layers = torch.stack([pool(h, mask, self.family) for h in out.hidden_states], dim=1)
-            result[f"{self.prefix}hidden_states"] = layers.float().numpy()
-        if "hidden_seq" in self.outputs:
-            last, keep = out.hidden_states[-1].float(), mask.bool()
-            rows = [last[i][keep[i]].numpy() for i in range(last.shape[0])]
+        keep = mask.bool()
+        for name, value in out.items():
+            if name not in TOKEN_OUTPUTS:
+                result[f"{self.prefix}{name}"] = value.numpy()
+                continue
+            rows = []
+            for i in range(value.shape[0]):
+                k = keep[i]
+                if name == "hidden_seq":
+                    rows.append(value[i][k].numpy())
+                elif name == "layer_seq":
+                    rows.append(value[i][:, k].numpy())
+                else:
+                    rows.append(value[i][:, k][:, :, k].numpy())
             column = np.empty(len(rows), dtype=object)
             column[:] = rows
-            result[f"{self.prefix}hidden_seq"] = column
+            result[f"{self.prefix}{name}"] = column
         return result
 
 
 def predict(ds, model_dir: str, num_labels: int, *, outputs: tuple[str, ...] = ("logits",),
             prefix: str = "", input_key: str = "input_ids", pad_ids: dict[str, int] | None = None,
             padding_side: str = "right", batch_size: int = 64, concurrency: int = 1,
-            cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0):
+            cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0, attn_implementation: str | None = None):
     """``ds`` (tokenised) with the model's outputs added as columns, by Ray Data actors."""
     import ray.data
 
@@ -84,7 +155,8 @@ def predict(ds, model_dir: str, num_labels: int, *, outputs: tuple[str, ...] = (
         BatchPredictor,
         fn_constructor_kwargs={"model_dir": str(model_dir), "num_labels": num_labels, "outputs": tuple(outputs),
                                "prefix": prefix, "input_key": input_key, "pad_ids": pad_ids,
-                               "padding_side": padding_side, "threads": int(cpus_per_actor)},
+                               "padding_side": padding_side, "threads": int(cpus_per_actor),
+                               "attn_implementation": attn_implementation},
         batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
 

@@ -9,6 +9,7 @@ inference, and travel as columns of the streams (see :mod:`kdshield.trainables.i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from kdshield.config import TrainSettings
 from kdshield.defenses.losses import StageLoss
@@ -20,11 +21,17 @@ class ModelSpec:
 
     ``source`` is a local HF directory (safetensors) the weights start from: a copy of the
     suspect model, a smaller fresh model, ... ``num_labels`` sizes the classifier head.
+    ``keep_layers`` (0-based block indices, ascending) builds a reduced-depth copy of
+    ``source``'s architecture holding only those transformer blocks; ``init="random"`` gives
+    that architecture freshly initialised weights instead of ``source``'s (see
+    :func:`kdshield.models.load_classifier`).
     """
 
     source: str
     num_labels: int
     attn_implementation: str | None = None
+    keep_layers: tuple[int, ...] | None = None
+    init: str = "pretrained"
 
 
 @dataclass(frozen=True)
@@ -45,16 +52,20 @@ class Stage:
     """Model + streams + losses + schedule. An epoch runs every phase once, in order."""
 
     name: str
-    model: ModelSpec
+    model: ModelSpec | None
+    """None: the stage trains only its losses' own modules (e.g. a mask over cached teacher
+    features); no model forward runs and the result has no ``hf_model``."""
     phases: tuple[Phase, ...]
     train: TrainSettings
     pad_ids: dict[str, int] = field(default_factory=dict)
     padding_side: str = "right"
     shuffle_buffer: int = 2048
     live_teacher: ModelSpec | None = None
-    """Run this frozen teacher inside the loop at every step, adding ``teacher_logits`` and
-    ``teacher_hidden_seq`` to each batch. Only for measuring what caching saves: stages
-    normally read those columns precomputed by batch inference."""
+    """Run this frozen teacher inside the loop at every step, adding the ``teacher_*`` columns
+    named by ``live_teacher_outputs`` to each batch (as batch inference would have cached
+    them, see :func:`kdshield.trainables.inference.model_outputs`). For measuring what caching
+    saves, and for teacher outputs too large to cache."""
+    live_teacher_outputs: tuple[str, ...] = ("logits", "hidden_seq")
 
     def __post_init__(self) -> None:
         if not self.phases:
@@ -63,3 +74,15 @@ class Stage:
     @property
     def streams(self) -> list[str]:
         return sorted({p.stream for p in self.phases})
+
+    def loss_modules(self) -> dict[str, Any]:
+        """The losses' own trainable modules (:attr:`StageLoss.module`) by phase label; a
+        module shared by several phases appears once, under its first phase's label."""
+        out: dict[str, Any] = {}
+        seen: set[int] = set()
+        for phase in self.phases:
+            module = phase.loss.module
+            if module is not None and id(module) not in seen:
+                seen.add(id(module))
+                out[phase.label.replace(".", "_")] = module
+        return out
