@@ -130,6 +130,34 @@ def cmd_defend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from kdshield.trainables.tune import TuneJob, run_tune
+
+    top = ["method", "run", "out", "num_samples", "space", "objective", "sampler", "scheduler", "asha_metric",
+           "grace_period", "reduction_factor", "max_concurrent", "cpus_per_trial", "storage", "study_name", "resume",
+           "seed", "val_fraction", "probe_n", "cache"]
+    values = _picked(args, top)
+    if args.no_shared_work:
+        values["shared_work"] = False
+    values["fixed"] = parse_assignments(args.set)
+    values["probe"] = parse_assignments(args.probe_set)
+    values["scaling"] = _picked(args, ["workers", "cpus_per_worker", "gpus_per_worker", "zero", "bf16", "address"])
+    summary = run_tune(parse_settings(TuneJob, values, source="tune"))
+    print(f"{summary['finished_trials']} finished trial(s) in {args.out}; "
+          f"stage cache {summary['cache']['stage']['hits']} hit(s) / {summary['cache']['stage']['misses']} miss(es)")
+    print(f"next: kdshield report {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kdshield.evaluation.tune_report import write_report
+
+    written = write_report(args.dirs, out=args.out)
+    print(written["markdown_text"])
+    print("written: " + ", ".join(str(p) for k, p in written.items() if k != "markdown_text"))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kdshield.demo import run_demo
 
@@ -234,6 +262,42 @@ def build_parser() -> argparse.ArgumentParser:
     defend.set_defaults(func=cmd_defend)
 
     _add_cluster(sub)
+
+    tune = sub.add_parser("tune", help="search a defense's hyperparameters (Ray Tune + Optuna), write OUT")
+    from kdshield.search_spaces import METHODS as _SPACES
+
+    tune.add_argument("--method", required=True, choices=sorted(_SPACES))
+    tune.add_argument("--run", required=True, help="a RUN directory from `kdshield attack`")
+    tune.add_argument("--num-samples", type=int, help="trials in the whole search (default 16)")
+    tune.add_argument("--space", help="search-space YAML (default: the packaged one of the method)")
+    tune.add_argument("--set", action="append", metavar="KEY=VALUE",
+                      help="fix a method setting for every trial, e.g. batch_size=8 (repeatable)")
+    tune.add_argument("--objective", choices=["defender", "asr", "cacc", "asr+cacc"],
+                      help="defender (default): trigger-free score; asr+cacc: multi-objective")
+    tune.add_argument("--sampler", choices=["tpe", "nsga2", "random"])
+    tune.add_argument("--scheduler", choices=["asha", "none"], help="early stopping (default asha)")
+    tune.add_argument("--asha-metric", choices=["defender_score", "asr", "cacc"])
+    tune.add_argument("--grace-period", type=int)
+    tune.add_argument("--reduction-factor", type=float)
+    tune.add_argument("--max-concurrent", type=int, help="trials at once (default: what fits)")
+    tune.add_argument("--cpus-per-trial", type=float, help="CPUs for each trial's own driver (default 0)")
+    tune.add_argument("--storage", help="SQLAlchemy URL of the Optuna study (default sqlite:///OUT/study.db)")
+    tune.add_argument("--study-name")
+    tune.add_argument("--resume", action="store_true", default=None, help="continue the search in OUT")
+    tune.add_argument("--no-shared-work", action="store_true", help="no stage cache across trials")
+    tune.add_argument("--cache", help="stage-cache directory (default OUT/cache); searches may share one")
+    tune.add_argument("--seed", type=int)
+    tune.add_argument("--val-fraction", type=float, help="clean share held out for the defender score")
+    tune.add_argument("--probe-n", type=int, help="most suspicious samples flagged by the probe")
+    tune.add_argument("--probe-set", action="append", metavar="KEY=VALUE", help="a BeDKD setting of the probe")
+    tune.add_argument("--out", required=True)
+    _add_scaling(tune)
+    tune.set_defaults(func=cmd_tune)
+
+    report = sub.add_parser("report", help="tables and plots of finished searches")
+    report.add_argument("dirs", nargs="+", metavar="DIR", help="OUT directories of `kdshield tune`")
+    report.add_argument("--out", help="where to write (default: the first DIR)")
+    report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="the whole story, small and local")
     demo.add_argument("--out", default="kdshield-demo")

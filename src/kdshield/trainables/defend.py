@@ -130,10 +130,12 @@ def sample_per_class(table: pa.Table, n: int, seed: int) -> pa.Table:
 class Defense:
     """Shared machinery of one defend job: streams, cached teachers, stages, evaluation."""
 
-    def __init__(self, job: DefendJob, inputs: Inputs, work: Path):
+    def __init__(self, job: DefendJob, inputs: Inputs, work: Path, hooks=None):
         from kdshield.models import load_tokenizer
+        from kdshield.trainables.hooks import DefenseHooks
 
         self.job, self.inputs, self.work = job, inputs, work
+        self.hooks = hooks or DefenseHooks()  # cache / callbacks / per-epoch evals (kdshield tune)
         self.config = method_config(job)
         tok = load_tokenizer(inputs.model_dir)
         self.pad = {"input_ids": tok.pad_token_id}
@@ -144,7 +146,11 @@ class Defense:
     def stream(self, table: pa.Table):
         from kdshield.trainables.attack import tokenized_stream
 
-        return tokenized_stream(table, self.inputs.model_dir, self.config.max_length)
+        def build():
+            return tokenized_stream(table, self.inputs.model_dir, self.config.max_length)
+
+        cache = self.hooks.cache
+        return cache.stream(table, self.inputs.model_dir, self.config.max_length, build) if cache else build()
 
     def with_teacher(self, stream, teacher_dir: str):
         """``stream`` plus the frozen teacher's ``teacher_logits`` and ``teacher_hidden_seq``."""
@@ -153,24 +159,39 @@ class Defense:
         from kdshield.trainables.inference import predict
 
         t0 = time.perf_counter()
-        out = predict(stream, teacher_dir, self.inputs.num_labels, outputs=("logits", "hidden_seq"),
-                      prefix="teacher_", pad_ids=self.pad, padding_side=self.padding_side,
-                      cpus_per_actor=self.job.scaling.cpus_per_worker).materialize()
+
+        def build():
+            return predict(stream, teacher_dir, self.inputs.num_labels, outputs=("logits", "hidden_seq"),
+                           prefix="teacher_", pad_ids=self.pad, padding_side=self.padding_side,
+                           cpus_per_actor=self.job.scaling.cpus_per_worker).materialize()
+
+        cache = self.hooks.cache
+        spec = {"outputs": ["logits", "hidden_seq"], "pad": self.pad, "side": self.padding_side,
+                "num_labels": self.inputs.num_labels}
+        out = cache.teacher(stream, teacher_dir, spec, build) if cache else build()
         self.stage_seconds["teacher_cache"] = self.stage_seconds.get("teacher_cache", 0.0) + time.perf_counter() - t0
         return out
 
     def train(self, name: str, source: str, phases, streams: dict, *, epochs: int, lr: float, teacher: str | None):
         from kdshield.trainables.engine import run_stage
-        from kdshield.trainables.stage import ModelSpec, Stage
+        from kdshield.trainables.stage import EpochEval, ModelSpec, Stage
 
-        c = self.config
+        c, hooks = self.config, self.hooks
+        evals = tuple(EpochEval(s) for s in hooks.eval_streams) if name in hooks.eval_stages else ()
         live = ModelSpec(teacher, self.inputs.num_labels) if teacher and self.job.teacher_outputs == "live" else None
         stage = Stage(name=name, model=ModelSpec(source=source, num_labels=self.inputs.num_labels),
                       phases=tuple(phases), pad_ids=self.pad, padding_side=self.padding_side, live_teacher=live,
+                      evals=evals,
                       train=TrainSettings(epochs=epochs, lr=lr, batch_size=c.batch_size, max_length=c.max_length,
                                           warmup_ratio=0.0, seed=c.seed))
         say(f"stage {name}: {epochs} epoch(s) over {', '.join(f'{k} ({v.count()} rows)' for k, v in streams.items())}")
-        result = run_stage(stage, streams, self.job.scaling, storage=self.work / "ray")
+        all_streams = {**streams, **(hooks.eval_streams if evals else {})}
+
+        def run():
+            return run_stage(stage, all_streams, self.job.scaling, storage=self.work / "ray",
+                             callbacks=hooks.callbacks)
+
+        result = hooks.cache.stage(stage, all_streams, self.job.scaling, run) if hooks.cache else run()
         self.stage_seconds[name] = result.seconds
         self.history[name] = result.history
         return str(result.model_dir)
@@ -178,8 +199,13 @@ class Defense:
     def logits(self, stream, model_dir: str) -> np.ndarray:
         from kdshield.trainables.inference import predict_logits
 
-        return predict_logits(stream, model_dir, self.inputs.num_labels, pad_ids=self.pad,
-                              padding_side=self.padding_side, cpus_per_actor=self.job.scaling.cpus_per_worker)
+        def build():
+            return predict_logits(stream, model_dir, self.inputs.num_labels, pad_ids=self.pad,
+                                  padding_side=self.padding_side, cpus_per_actor=self.job.scaling.cpus_per_worker)
+
+        cache = self.hooks.cache
+        spec = {"pad": self.pad, "side": self.padding_side, "num_labels": self.inputs.num_labels}
+        return cache.logits(stream, model_dir, spec, build) if cache else build()
 
     def evaluate(self, model_dir: str) -> dict[str, float]:
         from kdshield.trainables.inference import evaluate
@@ -286,8 +312,11 @@ RECIPES = {"bedkd": run_bedkd, "ft": run_ft, "kd": run_kd}
 RECIPES.update(defend_feature.RECIPES)  # ts-ft, mbtsad, robustkd, feature-kd
 
 
-def run_defend(job: DefendJob) -> dict:
-    """Validate everything, run the method's stages, evaluate, write OUT; returns metrics."""
+def run_defend(job: DefendJob, hooks=None) -> dict:
+    """Validate everything, run the method's stages, evaluate, write OUT; returns metrics.
+
+    ``hooks`` (:class:`~kdshield.trainables.hooks.DefenseHooks`): a stage cache, Ray Train
+    callbacks and per-epoch evaluation streams, for ``kdshield tune``'s trials."""
     from kdshield.cluster import connect
     from kdshield.trainables.engine import copy_model
 
@@ -302,7 +331,7 @@ def run_defend(job: DefendJob) -> dict:
         defend_feature.check(job, inputs)  # model-dependent settings, still before any Ray work
     connect(job.scaling.address)
     with staged(out) as work:
-        defense = Defense(job, inputs, work)
+        defense = Defense(job, inputs, work, hooks)
         model_dir, info = RECIPES[job.method](defense)
         final = copy_model(Path(model_dir), work / "model")
         say("evaluating the defended model")
@@ -311,6 +340,8 @@ def run_defend(job: DefendJob) -> dict:
         metrics.update(method=job.method, seconds=time.perf_counter() - t0, stage_seconds=defense.stage_seconds,
                        history=defense.history, config=job.record(),
                        resolved=defense.config.model_dump(mode="json"))
+        if defense.hooks.cache is not None:
+            metrics["cache"] = defense.hooks.cache.summary()
         shutil.rmtree(work / "ray", ignore_errors=True)
         write_json(work / "metrics.json", metrics)
     return metrics

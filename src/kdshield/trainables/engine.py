@@ -228,6 +228,8 @@ def _train_worker(config: dict[str, Any]) -> None:
                     print(f"[{stage.name}] epoch {epoch + 1}/{train.epochs} {phase.label}: "
                           f"loss {loss.item():.4f}, {samples * world / (last_print - t0):.1f} samples/s",
                           flush=True)
+        for ev in stage.evals:  # per-epoch evaluation hook: accuracy on the eval streams
+            sums.update(_epoch_eval(engine, ev, train.batch_size, collate, device))
         seconds = time.perf_counter() - t0
         keys = sorted(sums)
         totals = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, 2, dtype=torch.float64)
@@ -271,6 +273,25 @@ def _teacher_columns(teacher, batch):
                       output_hidden_states=True)
     mask = batch["attention_mask"].unsqueeze(-1).to(out.hidden_states[-1].dtype)
     return {"teacher_logits": out.logits.float(), "teacher_hidden_seq": out.hidden_states[-1].float() * mask}
+
+
+def _epoch_eval(engine, ev, batch_size: int, collate, device) -> dict:
+    """``{"eval/{label}/acc": [correct, n]}`` of the engine's model over this worker's shard."""
+    import ray.train
+    import torch
+
+    correct, n = 0.0, 0
+    if getattr(engine.module, "model", engine.module) is None:  # a stage without a model
+        return {}
+    engine.eval()
+    with torch.no_grad():
+        for batch in ray.train.get_dataset_shard(ev.stream).iter_torch_batches(batch_size=batch_size,
+                                                                                collate_fn=collate):
+            out = engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+            correct += float((out.logits.argmax(-1).cpu() == batch["label"].cpu()).sum())
+            n += int(batch["label"].shape[0])
+    engine.train()
+    return {f"eval/{ev.label}/acc": torch.tensor([correct, n], dtype=torch.float64)}
 
 
 def steps_per_epoch(stage: Stage, counts: dict[str, int], workers: int) -> int:

@@ -48,6 +48,24 @@ class Phase:
 
 
 @dataclass(frozen=True)
+class EpochEval:
+    """After every epoch, the accuracy (argmax == ``label``) of the model being trained on one
+    stream, reported as ``eval/{label}/acc`` (a share in [0, 1]) with the epoch's metrics.
+
+    Generic: a held-out clean stream gives clean accuracy; a stream whose ``label`` column holds
+    some reference model's predictions gives the agreement with it. It reads the stream's
+    shard like a phase does, with gradients off; it changes nothing about training.
+    """
+
+    stream: str
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or self.stream
+
+
+@dataclass(frozen=True)
 class Stage:
     """Model + streams + losses + schedule. An epoch runs every phase once, in order."""
 
@@ -66,6 +84,8 @@ class Stage:
     them, see :func:`kdshield.trainables.inference.model_outputs`). For measuring what caching
     saves, and for teacher outputs too large to cache."""
     live_teacher_outputs: tuple[str, ...] = ("logits", "hidden_seq")
+    evals: tuple[EpochEval, ...] = ()
+    """Streams evaluated after every epoch (see :class:`EpochEval`); they observe, not train."""
 
     def __post_init__(self) -> None:
         if not self.phases:
@@ -73,7 +93,7 @@ class Stage:
 
     @property
     def streams(self) -> list[str]:
-        return sorted({p.stream for p in self.phases})
+        return sorted({p.stream for p in self.phases} | {e.stream for e in self.evals})
 
     def loss_modules(self) -> dict[str, Any]:
         """The losses' own trainable modules (:attr:`StageLoss.module`) by phase label; a

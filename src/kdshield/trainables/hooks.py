@@ -1,0 +1,26 @@
+"""What a caller (a Tune trial) can plug into a defense without touching its recipe.
+
+:class:`DefenseHooks` travels into :class:`kdshield.trainables.defend.Defense`; every recipe
+(``run_bedkd``, ``run_ft``, ``run_kd``, later ones) gets it for free because the hooks act in
+the Defense methods every recipe already calls (``stream``, ``with_teacher``, ``logits``,
+``train``), never inside a recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from kdshield.trainables.stage_cache import StageCache
+
+
+@dataclass
+class DefenseHooks:
+    cache: StageCache | None = None
+    """Content-hashed shared work (stages, teacher outputs, logits, tokenised streams)."""
+    callbacks: list | None = None
+    """Ray Train callbacks for every stage's TorchTrainer (e.g. Tune reporting)."""
+    eval_streams: dict[str, Any] = field(default_factory=dict)
+    """Tokenised streams evaluated after every epoch (``Stage.evals``) of ``eval_stages``."""
+    eval_stages: tuple[str, ...] = ()
+    """Names of the stages that get ``eval_streams`` (those training the defended model)."""

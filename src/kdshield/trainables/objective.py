@@ -1,0 +1,154 @@
+"""A defender-side search objective: no trigger, no ground truth, only what a defender holds.
+
+A real defender cannot measure ASR: the trigger is unknown. What they do have: the suspect
+model, its (possibly poisoned) training set and a little clean data. :func:`build_probe` turns
+those into two small evaluation sets, once per search, shared by every trial of every defense:
+
+- ``val``: a stratified share of the clean data, held out from what the defenses train on;
+- ``flagged``: the training samples BeDKD-style identification calls poisoned (a DMM distilled
+  with flipped labels, MEPD below ``gamma``, predicted as the suspect model's majority label,
+  at most ``probe_n`` of them, smallest MEPD first), labelled with the *suspect model's*
+  prediction (for a backdoored model: the target label).
+
+The score of a defended model is::
+
+    defender_score = 100 * (accuracy on val - agreement with the suspect on flagged)
+
+Higher is better: keep clean accuracy, stop answering the suspicious samples the way the
+backdoored model did. It is computed after every epoch of the stage training the defended
+model (``Stage.evals``, for ASHA) and for the final model. On a benchmark RUN its rank
+correlation with the true ASR across trials says how far a defender can trust it
+(``kdshield report`` prints it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from kdshield.trainables.runs import say, write_json
+
+VAL, FLAGGED, TRIGGERED = "val", "flagged", "triggered"
+
+
+def score(val_acc: float, flagged_acc: float | None) -> float:
+    """The defender score from shares in [0, 1] (``flagged_acc`` None: no flagged samples)."""
+    return 100.0 * (val_acc - (flagged_acc or 0.0))
+
+
+def from_eval_metrics(metrics: dict[str, Any]) -> dict[str, float] | None:
+    """Per-epoch estimates from a stage's ``eval/<stream>/acc`` metrics (None without them)."""
+    val = metrics.get(f"eval/{VAL}/acc")
+    if val is None:
+        return None
+    flagged = metrics.get(f"eval/{FLAGGED}/acc")
+    out = {"defender_score": score(val, flagged), "cacc": 100.0 * val}
+    if flagged is not None:
+        out["flagged_agreement"] = 100.0 * flagged
+    if f"eval/{TRIGGERED}/acc" in metrics:
+        out["asr"] = 100.0 * metrics[f"eval/{TRIGGERED}/acc"]
+    return out
+
+
+def build_probe(job, shared: Path, *, cache, val_fraction: float, probe_n: int, seed: int,
+                triggered_rows: int = 0) -> dict[str, Any]:
+    """Write ``shared/{clean_train,val,flagged}.parquet`` and ``probe.json`` (once; reused after).
+
+    ``job`` is a :class:`~kdshield.trainables.defend.DefendJob` (method bedkd, its params are
+    the probe's DMM/identification settings) whose ``clean`` is the defender's whole clean set.
+    With ``triggered_rows`` > 0 (benchmarks only), a seeded subset of the triggered test set
+    labelled with the target label is written too, for per-epoch ASR estimates.
+    """
+    from kdshield.datasets import stratified_split, write_table
+    from kdshield.defenses.bedkd import DistillLoss, flip_labels, identify, majority_label, mepd, softmax
+    from kdshield.trainables.defend import Defense, _with_labels, resolve_inputs, sample_per_class
+    from kdshield.trainables.hooks import DefenseHooks
+    from kdshield.trainables.stage import Phase
+
+    done = shared / "probe.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    t0 = time.perf_counter()
+    shared.mkdir(parents=True, exist_ok=True)
+    inputs = resolve_inputs(job)
+    labels = inputs.clean.column("label").to_numpy()
+    rest, held = stratified_split(labels, test_fraction=val_fraction, seed=seed)
+    clean_train, val = inputs.clean.take(pa.array(np.sort(rest))), inputs.clean.take(pa.array(np.sort(held)))
+    write_table(clean_train, shared / "clean_train.parquet")
+    write_table(val, shared / "val.parquet")
+    inputs.clean = clean_train
+
+    work = shared / "probe-work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    d = Defense(job, inputs, work, DefenseHooks(cache=cache))
+    c, suspect = d.config, inputs.model_dir
+    # The DMM exactly as run_bedkd builds it, so a BeDKD trial with these settings reuses it.
+    akd_clean = sample_per_class(clean_train, c.n_c, c.seed)
+    dmm_clean = sample_per_class(akd_clean, c.n_c_dmm, c.seed + 1)
+    flipped = _with_labels(dmm_clean, flip_labels(dmm_clean.column("label").to_numpy(), inputs.num_labels))
+    dmm = d.train("dmm", suspect, [Phase("flipped", DistillLoss(c.alpha, c.dmm_temperature))],
+                  {"flipped": d.with_teacher(d.stream(flipped), suspect)},
+                  epochs=c.dmm_epochs, lr=c.dmm_lr, teacher=suspect)
+    train_stream = d.stream(inputs.train)
+    suspect_logits = d.logits(train_stream, suspect)
+    scores = mepd(softmax(suspect_logits), softmax(d.logits(train_stream, dmm)))
+    preds = suspect_logits.argmax(-1)
+    target = majority_label(preds)
+    rows = identify(scores, preds, gamma=c.gamma if c.gamma is not None else 0.1, n_p=probe_n,
+                    target_label=target, selection="smallest", seed=c.seed)
+    flagged = _with_labels(inputs.train.take(pa.array(rows, pa.int64())), preds[rows])
+    write_table(flagged, shared / "flagged.parquet")
+    info: dict[str, Any] = {"n_val": val.num_rows, "n_clean_train": clean_train.num_rows,
+                            "n_flagged": int(len(rows)), "suspect_majority_label": int(target),
+                            "settings": c.model_dump(mode="json")}
+    if "poisoned" in inputs.train.column_names and len(rows):  # ground truth: reported, never used
+        truth = inputs.train.column("poisoned").to_numpy(zero_copy_only=False)
+        info["flagged_precision"] = float(100.0 * truth[rows].mean())
+    if triggered_rows and inputs.triggered is not None and inputs.target_label is not None:
+        t = inputs.triggered
+        pick = np.sort(np.random.default_rng(seed).permutation(t.num_rows)[:triggered_rows])
+        sub = t.take(pa.array(pick, pa.int64()))
+        write_table(_with_labels(sub, np.full(sub.num_rows, inputs.target_label)), shared / "triggered.parquet")
+        info["n_triggered"] = sub.num_rows
+    shutil.rmtree(work, ignore_errors=True)
+    info["seconds"] = time.perf_counter() - t0
+    write_json(done, info)
+    say(f"defender probe: {val.num_rows} held-out clean samples, {len(rows)} flagged suspicious samples"
+        + (f" ({info['flagged_precision']:.0f}% truly poisoned)" if "flagged_precision" in info else ""))
+    return info
+
+
+def eval_tables(shared: Path) -> dict[str, pa.Table]:
+    """The probe's evaluation tables that are not empty: val, flagged, (triggered)."""
+    import pyarrow.parquet as pq
+
+    out = {}
+    for name in (VAL, FLAGGED, TRIGGERED):
+        path = shared / f"{name}.parquet"
+        if path.is_file():
+            table = pq.read_table(path)  # written by build_probe, already normalised
+            if table.num_rows:
+                out[name] = table
+    return out
+
+
+def final_scores(model_dir: str, tables: dict[str, pa.Table], *, num_labels: int, tokenizer_dir: str,
+                 max_length: int, pad_ids, padding_side, cpus: float) -> dict[str, float]:
+    """The defender score of a finished model by batch inference (when no epoch reported it)."""
+    from kdshield.trainables.attack import tokenized_stream
+    from kdshield.trainables.inference import predict_logits
+
+    accs = {}
+    for name, table in tables.items():
+        logits, labels = predict_logits(tokenized_stream(table, tokenizer_dir, max_length), model_dir, num_labels,
+                                        with_labels=True, pad_ids=pad_ids, padding_side=padding_side,
+                                        cpus_per_actor=cpus)
+        accs[f"eval/{name}/acc"] = float((logits.argmax(-1) == labels).mean())
+    return from_eval_metrics(accs) or {}

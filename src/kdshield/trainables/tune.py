@@ -1,0 +1,468 @@
+"""``kdshield tune``: search a defense's hyperparameters with Ray Tune + Optuna, durably.
+
+Shape of a search (OUT is ``--out``):
+
+- **Search space**: :func:`kdshield.search_spaces.load_space` (packaged YAML or ``--space``),
+  validated before anything runs; ``--set key=value`` fixes more settings for every trial.
+- **Sampler**: ``OptunaSearch`` with TPE for one objective (``defender``: maximise the
+  trigger-free :mod:`defender score <kdshield.trainables.objective>`; ``asr``: minimise;
+  ``cacc``: maximise) or NSGA-II (or TPE) for ``asr+cacc`` (ASR down, CACC up together);
+  ``random`` for baselines.
+- **Early stopping**: ASHA on a scalar every trial reports after every epoch of the stage that
+  trains the defended model (BeDKD: every AKD cycle). Those per-epoch values come from the
+  engine's generic per-epoch evaluation hook (``Stage.evals``) on the probe's small held-out
+  sets; only reports carrying them reach Tune, so ``training_iteration`` counts the defended
+  model's epochs and increases monotonically across the stages of a trial, then once more for
+  the trial's final result.
+- **Trials**: each is a Tune function trainable that builds a :class:`DefendJob` and calls
+  :func:`run_defend` (one TorchTrainer per stage, :class:`TuneReportCallback` in their
+  RunConfig callbacks); no second training loop. Workers, CPUs/GPUs per worker, the trial
+  driver's own CPUs and the number of concurrent trials are settable and checked against the
+  cluster before the search starts (:func:`kdshield.cluster.plan_resources`).
+- **Shared work**: one :class:`~kdshield.trainables.stage_cache.StageCache` in ``OUT/cache``
+  for all trials (stages with identical inputs such as a shared BeDKD DMM, teacher outputs,
+  logits).
+- **Durability**: the Optuna study lives in ``--storage`` (default ``sqlite:///OUT/study.db``;
+  any SQLAlchemy URL, e.g. PostgreSQL), Tune's experiment state in ``OUT/tune``. ``--resume``
+  restores the Tuner (``Tuner.restore``); when Tune's state is gone but the study exists in the
+  storage, a new Tuner continues the study (its sampler sees every finished trial) for the
+  remaining samples. A trial writes ``OUT/trials/<id>/result.json`` when it finishes, and a
+  trial that Tune re-launches after a crash finds it and reports it without training again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from kdshield.config import ScalingSettings, _Settings, parse_settings
+from kdshield.errors import InputError
+from kdshield.trainables.runs import say, write_json
+
+OBJECTIVES = {  # name -> (metrics, modes)
+    "defender": (["defender_score"], ["max"]),
+    "asr": (["asr"], ["min"]),
+    "cacc": (["cacc"], ["max"]),
+    "asr+cacc": (["asr", "cacc"], ["min", "max"]),
+}
+SCALAR_MODES = {"defender_score": "max", "asr": "min", "cacc": "max"}
+EXPERIMENT = "tune"
+
+
+class TuneJob(_Settings):
+    """Settings of ``kdshield tune``."""
+
+    method: str
+    run: str = Field(description="a RUN directory of `kdshield attack` (model, data)")
+    out: str
+    num_samples: int = Field(16, ge=1, description="trials in the whole search")
+    space: str | None = Field(None, description="search-space YAML; default: the packaged one of the method")
+    fixed: dict[str, Any] = Field(default_factory=dict, description="settings fixed for every trial (--set)")
+    objective: Literal["defender", "asr", "cacc", "asr+cacc"] = "defender"
+    sampler: Literal["tpe", "nsga2", "random"] | None = Field(
+        None, description="default: tpe for one objective, nsga2 for asr+cacc")
+    scheduler: Literal["asha", "none"] = "asha"
+    asha_metric: Literal["defender_score", "asr", "cacc"] = "defender_score"
+    grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: float = Field(3.0, gt=1)
+    max_concurrent: int | None = Field(None, ge=1, description="default: as many trials as fit the cluster")
+    cpus_per_trial: float = Field(0.0, ge=0, description="CPUs reserved by each trial's driver function")
+    storage: str | None = Field(None, description="SQLAlchemy URL of the Optuna study (default sqlite in OUT)")
+    study_name: str | None = None
+    resume: bool = False
+    shared_work: bool = Field(True, description="content-hashed stage cache shared by all trials")
+    cache: str | None = Field(None, description="stage-cache directory (default OUT/cache); several searches "
+                                                "on the same RUN may share one")
+    seed: int = 0
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="share of the clean data held out for the score")
+    probe_n: int = Field(64, ge=1, description="at most this many flagged suspicious samples")
+    probe: dict[str, Any] = Field(default_factory=dict, description="BeDKD settings of the probe's DMM")
+    triggered_eval_rows: int = Field(200, ge=1, description="triggered test rows for per-epoch ASR (benchmarks)")
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+
+    def identity(self, space) -> dict[str, Any]:
+        """What makes two invocations the same search (resume must match it)."""
+        return {"method": self.method, "run": str(Path(self.run).resolve()), "objective": self.objective,
+                "sampler": self.sampler_name(), "params": {k: repr(v) for k, v in space.params.items()},
+                "fixed": space.fixed, "seed": self.seed, "val_fraction": self.val_fraction,
+                "probe_n": self.probe_n, "probe": self.probe}
+
+    def sampler_name(self) -> str:
+        return self.sampler or ("nsga2" if self.objective == "asr+cacc" else "tpe")
+
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{Path(self.out).resolve() / 'study.db'}"
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_storage(url: str) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise InputError(f"--storage {url!r}: not a SQLAlchemy URL (e.g. sqlite:///study.db, "
+                         "postgresql://user@host:5432/db)") from None
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg2", None, ""):
+        try:
+            import psycopg2  # noqa: F401
+        except ImportError:
+            raise InputError(f"--storage {url!r}: PostgreSQL needs psycopg2 (pip install psycopg2-binary)") from None
+
+
+def _local_plan(job: TuneJob, concurrent: int):
+    """Resources of the local Ray that connect() will start, checked before it starts."""
+    scaling = job.scaling
+    try:
+        from kdshield.cluster import NodeResources, plan_resources
+    except ImportError:  # kdshield.cluster without resource plans: a minimal check
+        need = scaling.workers * scaling.cpus_per_worker + job.cpus_per_trial
+        if need > (os.cpu_count() or 1):
+            raise InputError(f"scaling: a trial needs {need:g} CPUs; this machine has {os.cpu_count()} "
+                             "(local Ray, no autoscaler)") from None
+        return None
+    import torch
+
+    node = NodeResources("local", float(os.cpu_count() or 1), float(torch.cuda.device_count()), True)
+    return plan_resources(scaling, concurrent, autoscaler=False, nodes=[node], trial_driver_cpus=job.cpus_per_trial)
+
+
+def validate(job: TuneJob):
+    """Everything that can be checked without Ray; returns (space, defend template, identity)."""
+    from kdshield.defenses.bedkd import BeDKDConfig
+    from kdshield.search_spaces import load_space
+    from kdshield.trainables.defend import DefendJob, resolve_inputs
+
+    space = load_space(job.method, job.space, fixed=job.fixed)
+    probe = parse_settings(BeDKDConfig, {**_probe_defaults(space), **job.probe}, source="tune probe settings")
+    template = DefendJob(method=job.method, run=job.run, out=str(Path(job.out) / "unused"), scaling=job.scaling)
+    inputs = resolve_inputs(template)
+    metrics = set(OBJECTIVES[job.objective][0]) | ({job.asha_metric} if job.scheduler == "asha" else set())
+    if "asr" in metrics and inputs.triggered is None:
+        raise InputError(f"--objective {job.objective} / --asha-metric {job.asha_metric}: the RUN has no triggered "
+                         "test set, so ASR is unknown (use --objective defender)")
+    n_val = round(job.val_fraction * inputs.clean.num_rows)
+    if n_val < job.scaling.workers or inputs.clean.num_rows - n_val < job.scaling.workers:
+        raise InputError(f"--val-fraction {job.val_fraction}: the clean set ({inputs.clean.num_rows} rows) is too "
+                         f"small to hold out a validation share for {job.scaling.workers} worker(s)")
+    _check_storage(job.storage_url())
+    return space, template, probe
+
+
+def _probe_defaults(space) -> dict[str, Any]:
+    """The probe runs BeDKD's DMM at the space's fixed settings where they are BeDKD fields."""
+    from kdshield.defenses.bedkd import BeDKDConfig
+
+    keep = set(BeDKDConfig.model_fields) - {"gamma", "target_frr", "n_p"}
+    return {k: v for k, v in space.fixed.items() if k in keep}
+
+
+def _check_out(job: TuneJob, identity: dict) -> str:
+    """'new', 'restore' (Tune state present) or 'study' (only the study to continue)."""
+    out = Path(job.out).resolve()
+    record = out / "tune.json"
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    if record.is_file():
+        previous = json.loads(record.read_text())
+        if previous.get("identity") != json.loads(json.dumps(identity, default=str)):
+            raise InputError(f"{out}: holds a different search (method, RUN, space, objective or seed differ); "
+                             "choose another --out")
+        if not job.resume:
+            raise InputError(f"{out}: already holds this search; pass --resume to continue it")
+        from ray.tune import Tuner
+
+        return "restore" if Tuner.can_restore(str(out / EXPERIMENT)) else "study"
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError(f"{out}: not empty and not a search directory; choose another --out")
+    if job.resume and not job.storage:
+        raise InputError(f"{out}: nothing to resume (no search was started there)")
+    return "study" if job.resume else "new"
+
+
+# ----------------------------------------------------------------------------- trials
+
+def _reporter_class():
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class TrialReporter(TuneReportCallback):
+        """Forwards to Tune only the epoch reports that carry per-epoch evaluation metrics,
+        turned into the search's metric names (``defender_score``, ``cacc``, ``asr``)."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            from kdshield.trainables.objective import from_eval_metrics
+
+            est = from_eval_metrics(metrics[0])
+            if est is not None:
+                self._training_actor_item_queue.put({**est, "epoch": metrics[0].get("epoch"), "final": 0})
+
+    return TrialReporter
+
+
+def _done_result(trial_dir: Path) -> dict | None:
+    path = trial_dir / "result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """One trial (runs in a Tune actor): the defense through run_defend, scored, recorded."""
+    import ray.tune
+
+    from kdshield.trainables.attack import tokenized_stream
+    from kdshield.trainables.defend import DefendJob, run_defend
+    from kdshield.trainables.hooks import DefenseHooks
+    from kdshield.trainables.objective import eval_tables, final_scores, from_eval_metrics
+    from kdshield.trainables.stage_cache import StageCache
+
+    t0 = time.perf_counter()
+    space, out = ctx["space"], Path(ctx["out"])
+    trial_id = ray.tune.get_context().get_trial_id()
+    trial_dir = out / "trials" / trial_id
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    sampled = {k: v for k, v in config.items() if k in space.params}
+    params = space.settings(sampled)
+    write_json(trial_dir / "started.json", {"trial_id": trial_id, "sampled": sampled, "params": params})
+    done = _done_result(trial_dir)
+    if done is not None and done["params"] == params:
+        _log_run(trial_dir, "reused")  # finished before a crash of the driver: report, do not re-train
+        ray.tune.report({**done["report"], "reused": 1})
+        return
+    shared = out / "shared"
+    job = DefendJob(method=space.method, run=ctx["run"], clean=str(shared / "clean_train.parquet"),
+                    out=str(trial_dir / "defend"), params=params,
+                    scaling=ScalingSettings(**ctx["scaling"]))
+    config_obj = space.config(sampled)
+    tables = eval_tables(shared)
+    wanted = set(ctx["metrics"])
+    if "asr" not in wanted:
+        tables.pop("triggered", None)
+    from kdshield.models import resolve_model
+
+    model_dir = resolve_model(str(Path(ctx["run"]) / "model"))
+    cache = StageCache(ctx["cache"]) if ctx["cache"] else None
+    streams = {name: tokenized_stream(t, model_dir, config_obj.max_length) for name, t in tables.items()
+               if t.num_rows >= job.scaling.workers}
+    hooks = DefenseHooks(cache=cache, callbacks=[_reporter_class()()], eval_streams=streams,
+                         eval_stages=tuple(ctx["final_stages"]))
+    _log_run(trial_dir, "defend-reused" if (trial_dir / "defend" / "metrics.json").is_file() else "trained")
+    metrics = run_defend(job, hooks)
+    last = {}
+    for stage in ctx["final_stages"]:
+        if metrics.get("history", {}).get(stage):
+            last = from_eval_metrics(metrics["history"][stage][-1]) or {}
+    if "defender_score" not in last:
+        from kdshield.models import load_tokenizer
+
+        tok = load_tokenizer(model_dir)
+        last = final_scores(str(Path(job.out) / "model"), tables, num_labels=_num_labels(ctx["run"]),
+                            tokenizer_dir=model_dir, max_length=config_obj.max_length,
+                            pad_ids={"input_ids": tok.pad_token_id}, padding_side=tok.padding_side,
+                            cpus=job.scaling.cpus_per_worker)
+    report = {"cacc": metrics["cacc"], "defender_score": last.get("defender_score", float("nan")),
+              "val_cacc": last.get("cacc", float("nan")), "final": 1,
+              "trial_seconds": time.perf_counter() - t0}
+    if "asr" in metrics:
+        report["asr"] = metrics["asr"]
+    for key in ("far", "frr", "n_identified", "gamma"):
+        if isinstance(metrics.get(key), (int, float)):
+            report[key] = metrics[key]
+    if "flagged_agreement" in last:
+        report["flagged_agreement"] = last["flagged_agreement"]
+    if cache is not None:
+        report["cache_stage_hits"] = cache.counts["stage"]["hits"]
+        report["cache_saved_seconds"] = cache.saved_seconds
+    write_json(trial_dir / "result.json.tmp", {"trial_id": trial_id, "sampled": sampled, "params": params,
+                                               "report": report, "method": space.method,
+                                               "cache": metrics.get("cache")})
+    os.replace(trial_dir / "result.json.tmp", trial_dir / "result.json")
+    ray.tune.report({**report, "reused": 0})
+
+
+def _num_labels(run: str) -> int:
+    return int(json.loads((Path(run) / "attack.json").read_text())["num_labels"])
+
+
+def _log_run(trial_dir: Path, what: str) -> None:
+    with open(trial_dir / "runs.jsonl", "a") as f:
+        f.write(json.dumps({"event": what, "pid": os.getpid(), "time": time.time()}) + "\n")
+
+
+# ----------------------------------------------------------------------------- the search
+
+def _sampler(name: str, seed: int):
+    import optuna
+
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True)
+
+
+def _max_t(space) -> int:
+    for name in ("akd_cycles",):
+        p = space.params.get(name)
+        if p is not None:
+            return int(max(p.values_to_check())) + 1
+        if name in space.fixed:
+            return int(space.fixed[name]) + 1
+    return 100
+
+
+def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: int = 0):
+    """The Tuner of this search: new, restored from OUT/tune, or continuing the study."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    out = Path(job.out).resolve()
+    metrics, modes = OBJECTIVES[job.objective]
+    needed = sorted(set(metrics) | ({job.asha_metric} if job.scheduler == "asha" else set()))
+    ctx = {"space": space, "out": str(out), "run": str(Path(job.run).resolve()),
+           "scaling": job.scaling.model_dump(), "cache": _cache_dir(job) if job.shared_work else None,
+           "final_stages": list(space.info.final_stages), "metrics": needed}
+    # A trial's own driver needs next to nothing (Ray Train's controller reserves 0 CPUs); Tune
+    # refuses an all-zero request, so a zero-CPU trial asks for 1 MiB of memory instead.
+    request = {"CPU": job.cpus_per_trial} if job.cpus_per_trial > 0 else {"CPU": 0, "memory": 2 ** 20}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), request)
+    if mode == "restore":
+        return tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=False, restart_errored=False)
+    storage = optuna.storages.RDBStorage(job.storage_url())
+    searcher = OptunaSearch(space=space.distributions(), metric=metrics if len(metrics) > 1 else metrics[0],
+                            mode=modes if len(modes) > 1 else modes[0], sampler=_sampler(job.sampler_name(), job.seed),
+                            study_name=job.study_name or f"kdshield-{job.method}", storage=storage)
+    scheduler = (ASHAScheduler(time_attr="training_iteration", metric=job.asha_metric,
+                               mode=SCALAR_MODES[job.asha_metric], max_t=_max_t(space),
+                               grace_period=job.grace_period, reduction_factor=job.reduction_factor)
+                 if job.scheduler == "asha" else FIFOScheduler())
+    import ray.tune
+
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
+                                    num_samples=max(1, job.num_samples - completed),
+                                    max_concurrent_trials=concurrent, reuse_actors=False),
+        run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1,
+                                      failure_config=ray.tune.FailureConfig(max_failures=0)))
+
+
+def study_trials(url: str, name: str) -> list:
+    """The trials of a stored Optuna study (empty when it does not exist)."""
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).is_file():
+        return []  # do not create an empty database just to look
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+
+
+def run_tune(job: TuneJob) -> dict[str, Any]:
+    """Validate, plan, probe once, search; returns a summary (also ``OUT/summary.json``)."""
+    from kdshield.cluster import connect
+    from kdshield.trainables.defend import DefendJob
+    from kdshield.trainables.objective import build_probe
+    from kdshield.trainables.stage_cache import StageCache
+
+    space, template, probe = validate(job)
+    identity = job.identity(space)
+    mode = _check_out(job, identity)
+    out = Path(job.out).resolve()
+    study_name = job.study_name or f"kdshield-{job.method}"
+    completed = 0
+    if mode == "study":
+        import optuna
+
+        completed = sum(t.state == optuna.trial.TrialState.COMPLETE
+                        for t in study_trials(job.storage_url(), study_name))
+        if not completed and job.resume:
+            say(f"no finished trial of study {study_name!r} in the storage: starting the search")
+    if mode == "new" and study_trials(job.storage_url(), study_name):
+        raise InputError(f"--storage {_redact(job.storage_url())}: study {study_name!r} already has trials; "
+                         "pass --resume to continue it or --study-name to start another")
+    concurrent = job.max_concurrent or min(job.num_samples, max(1, int((os.cpu_count() or 1)
+                                                                      // max(job.scaling.workers *
+                                                                                 job.scaling.cpus_per_worker, 1))))
+    plan = _local_plan(job, concurrent) if not job.scaling.address else None
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "tune.json", {"identity": identity, "job": job.model_dump(mode="json"),
+                                   "study_name": study_name, "storage": _redact(job.storage_url())})
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # Tune's experiment state, often
+    connect(job.scaling.address)
+    if job.scaling.address:
+        from kdshield.cluster import plan_resources
+
+        plan = plan_resources(job.scaling, concurrent, trial_driver_cpus=job.cpus_per_trial)
+    if plan is not None:
+        concurrent = plan.concurrent_trials
+        say(f"resources: {plan.summary()}")
+    cache = StageCache(_cache_dir(job)) if job.shared_work else None
+    probe_job = DefendJob(method="bedkd", run=job.run, out=str(out / "unused"), scaling=job.scaling,
+                          params=probe.model_dump(mode="json"))
+    build_probe(probe_job, out / "shared", cache=cache or StageCache(out / "shared" / "probe-cache"),
+                val_fraction=job.val_fraction, probe_n=job.probe_n, seed=job.seed,
+                triggered_rows=job.triggered_eval_rows if "asr" in json.dumps(OBJECTIVES[job.objective]) or
+                job.asha_metric == "asr" else 0)
+    if mode == "study" and completed >= job.num_samples:
+        say(f"study {study_name!r} already has {completed} finished trial(s); nothing to do")
+    else:
+        tuner = build_tuner(job, space, mode=mode, concurrent=concurrent, completed=completed)
+        say(f"searching {job.method}: {job.num_samples} trial(s), objective {job.objective} "
+            f"({job.sampler_name()}{', ASHA on ' + job.asha_metric if job.scheduler == 'asha' else ''}), "
+            f"{concurrent} at a time; study {study_name!r} in {_redact(job.storage_url())}")
+        grid = tuner.fit()
+        errors = [r.error for r in grid if r.error is not None]
+        if errors:
+            say(f"{len(errors)} trial(s) failed; first error: {str(errors[0]).splitlines()[0][:300]}")
+    summary = summarize(out, Path(_cache_dir(job)))
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _cache_dir(job: TuneJob) -> str:
+    return str(Path(job.cache).resolve() if job.cache else Path(job.out).resolve() / "cache")
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a display string only
+        return "<storage>"
+
+
+def trial_results(out: str | Path) -> list[dict[str, Any]]:
+    """Every finished trial's ``result.json`` under ``OUT/trials`` (by trial id)."""
+    root = Path(out) / "trials"
+    rows = []
+    for path in sorted(root.glob("*/result.json")):
+        rows.append(json.loads(path.read_text()))
+    return rows
+
+
+def summarize(out: Path, cache: Path) -> dict[str, Any]:
+    from kdshield.trainables.stage_cache import read_events
+
+    rows = trial_results(out)
+    events = read_events(cache)
+    stage_events = [e for e in events if e["kind"] == "stage"]
+    return {"finished_trials": len(rows), "trial_ids": [r["trial_id"] for r in rows],
+            "cache": {kind: {"hits": sum(e["hit"] for e in events if e["kind"] == kind),
+                             "misses": sum(not e["hit"] for e in events if e["kind"] == kind)}
+                      for kind in ("stage", "teacher", "logits")},
+            "stage_seconds_saved": sum(float(e.get("seconds", 0)) for e in stage_events if e["hit"])}
