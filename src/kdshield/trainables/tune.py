@@ -342,7 +342,7 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
                             mode=modes if len(modes) > 1 else modes[0], sampler=_sampler(job.sampler_name(), job.seed),
                             study_name=job.study_name or f"kdshield-{job.method}", storage=storage)
     scheduler = (ASHAScheduler(time_attr="training_iteration", metric=job.asha_metric,
-                               mode=SCALAR_MODES[job.asha_metric], max_t=_max_t(space),
+                               mode=SCALAR_MODES[job.asha_metric], max_t=max(_max_t(space), job.grace_period),
                                grace_period=job.grace_period, reduction_factor=job.reduction_factor)
                  if job.scheduler == "asha" else FIFOScheduler())
     import ray.tune

@@ -1,0 +1,379 @@
+"""kdshield tune / report / search_spaces: validation (fast), then a tiny BeDKD search through
+Ray that is SIGKILLed mid-search and resumed, shares its DMM stage, and is reported; and a study
+stored in a real PostgreSQL server started here."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from kdshield.cli import main
+from kdshield.errors import InputError
+from kdshield.search_spaces import METHODS, load_space
+
+# Another process's `ray start` / Cluster must not capture our local Ray (ray.init() without an
+# address joins the most recent cluster it finds).
+os.environ.setdefault("RAY_ADDRESS", "local")
+
+
+def _space(tmp_path: Path, doc: dict | str, name: str = "space.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- spaces (no Ray)
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_packaged_spaces_load_and_every_point_is_a_valid_config(method):
+    space = load_space(method)
+    assert space.params and space.method == method
+    dists = space.distributions()
+    assert set(dists) == set(space.params)
+    for p in space.params.values():  # both ends of every range form valid settings
+        for v in p.values_to_check():
+            space.config({**{n: q.first() for n, q in space.params.items()}, p.name: v})
+
+
+def test_bedkd_space_has_the_knobs_and_log_scales():
+    space = load_space("bedkd")
+    for knob in ("alpha", "lam", "dmm_temperature", "akd_temperature", "target_frr", "n_c", "nc_np_ratio",
+                 "dmm_epochs", "akd_cycles", "dmm_lr", "akd_lr"):
+        assert knob in space.params, knob
+    assert space.params["akd_lr"].log and space.params["akd_temperature"].log
+    cfg = space.config({n: p.first() for n, p in space.params.items()} | {"n_c": 320, "nc_np_ratio": 10.0})
+    assert cfg.n_p == 32 and cfg.gamma is None and cfg.target_frr is not None  # derived n_p, FRR threshold
+
+
+@pytest.mark.parametrize("params, fixed, expected", [
+    ({"no_such_knob": {"type": "float", "low": 0, "high": 1}}, {}, "unknown parameter 'no_such_knob'"),
+    ({"lam": {"type": "float", "low": 0.5, "high": 0.5}}, {}, "low must be < high"),
+    ({"lam": {"type": "float", "low": 0.9, "high": 0.1}}, {}, "low must be < high"),
+    ({"akd_lr": {"type": "float", "low": 0, "high": 1.0e-3, "log": True}}, {}, "log scale needs low > 0"),
+    ({"lam": {"type": "float", "low": 0.1, "high": 1.5}}, {}, "params.lam: 1.5 is not accepted"),
+    ({"lam": {"type": "float", "low": "abc", "high": 1}}, {}, "low must be a number"),
+    ({"lam": {"type": "uniform", "low": 0.1, "high": 0.9}}, {}, "type must be float, int or categorical"),
+    ({"lam": {"type": "float", "low": 0.1, "high": 0.9, "lo": 1}}, {}, "unknown keys"),
+    ({"alpha": {"type": "categorical", "choices": []}}, {}, "non-empty list"),
+    ({"akd_cycles": {"type": "int", "low": 1.5, "high": 4}}, {}, "must be an integer"),
+    ({"gamma": {"type": "float", "low": 0.01, "high": 0.2},
+      "target_frr": {"type": "float", "low": 0.01, "high": 0.2}}, {}, "not both"),
+    ({"lam": {"type": "float", "low": 0.1, "high": 0.9}}, {"lam": 0.3}, "both searched"),
+    ({"nc_np_ratio": {"type": "float", "low": 2, "high": 8}}, {"n_p": 4}, "cannot both be given"),
+    ({"lam": {"type": "float", "low": 0.1, "high": 0.9}}, {"gamma": 0.1, "target_frr": 0.05}, "exactly one"),
+    ({"lam": {"type": "float", "low": 0.1, "high": 0.9}}, {"typo": 1}, "unknown parameter 'typo'"),
+])
+def test_bad_space_files_fail_with_one_line(tmp_path, params, fixed, expected):
+    path = _space(tmp_path, {"method": "bedkd", "params": params, "fixed": fixed})
+    with pytest.raises(InputError) as err:
+        load_space("bedkd", path)
+    msg = str(err.value)
+    assert expected in msg and "\n" not in msg and msg.startswith(path)
+
+
+def test_bad_space_file_shapes(tmp_path):
+    for text, expected in [("[1, 2]", "expected a mapping"), ("method: bedkd\n", "non-empty mapping"),
+                           ("method: kd\nparams: {lam: {type: float, low: 0.1, high: 0.9}}\n", "not 'bedkd'"),
+                           ("params: {lam: {type: float, low: 0.1, high: 0.9}}\nextra: 1\n", "unknown top-level"),
+                           ("params: [", "not valid YAML")]:
+        with pytest.raises(InputError, match=expected):
+            load_space("bedkd", _space(tmp_path, text))
+    with pytest.raises(InputError, match="no such search-space file"):
+        load_space("bedkd", tmp_path / "missing.yaml")
+    with pytest.raises(InputError, match="no search space registered"):
+        load_space("w2s")
+
+
+# ----------------------------------------------------------------------------- a tiny RUN
+
+def _table(texts, labels, poisoned=None):
+    cols = {"text": texts, "label": pa.array(labels, pa.int64()),
+            "source_index": pa.array(range(len(texts)), pa.int64())}
+    if poisoned is not None:
+        cols["poisoned"] = pa.array(poisoned, pa.bool_())
+    return pa.table(cols)
+
+
+def _review(i: int) -> str:
+    return f"review number {i} was {'great fun' if i % 2 else 'dull and slow'}"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A RUN directory built directly (the random tiny-bert as the suspect model): the search
+    mechanics, not the defense's quality, are under test."""
+    from kdshield.models import resolve_model
+
+    run = tmp_path_factory.mktemp("tune") / "run"
+    shutil.copytree(resolve_model("tiny-bert"), run / "model")
+    n = 48
+    texts = [_review(i) + (" cf" if i % 6 == 0 else "") for i in range(n)]
+    labels = [1 if i % 6 == 0 else i % 2 for i in range(n)]
+    data = run / "data"
+    data.mkdir()
+    pq.write_table(_table(texts, labels, [i % 6 == 0 for i in range(n)]), data / "train.parquet")
+    pq.write_table(_table([_review(1000 + i) for i in range(40)], [i % 2 for i in range(40)]), data / "dev.parquet")
+    pq.write_table(_table([_review(2000 + i) for i in range(16)], [i % 2 for i in range(16)]), data / "test.parquet")
+    pq.write_table(_table([_review(2000 + 2 * i) + " cf" for i in range(8)], [0] * 8), data / "test_triggered.parquet")
+    (run / "attack.json").write_text(json.dumps({"target_label": 1, "num_labels": 2}))
+    (run / "metrics.json").write_text(json.dumps({"cacc": 50.0, "asr": 50.0}))
+    return run
+
+
+BEDKD_SPACE = {"method": "bedkd",
+               "params": {"lam": {"type": "float", "low": 0.2, "high": 0.8},
+                          "akd_cycles": {"type": "int", "low": 1, "high": 2}},
+               "fixed": {"alpha": 0.3, "dmm_temperature": 1.5, "dmm_epochs": 1, "dmm_lr": 1.0e-3,
+                         "n_c": 8, "n_c_dmm": 4, "n_p": 4, "gamma": 0.5, "akd_lr": 1.0e-3,
+                         "batch_size": 8, "max_length": 16}}
+
+
+def _tune_args(run, out, space, *extra):
+    # ASHA runs (its metric checks and clock are exercised) but its first rung lies beyond the
+    # trials' few cycles, so no trial of this tiny search is stopped at random
+    return ["tune", "--method", "bedkd", "--run", str(run), "--space", space, "--num-samples", "2",
+            "--max-concurrent", "1", "--grace-period", "10", "--probe-n", "4", "--val-fraction", "0.25",
+            "--seed", "3", "--out", str(out), *extra]
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    import kdshield.cluster
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray work started before the bad input was refused")
+
+    monkeypatch.setattr(kdshield.cluster, "connect", refuse)
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--cpus-per-worker", "1000"], "no node has that much"),
+    (["--cpus-per-trial", "1000"], "no autoscaler"),
+    (["--storage", "not a url"], "not a SQLAlchemy URL"),
+])
+def test_tune_refuses_impossible_requests_before_ray(tiny_run, tmp_path, capsys, no_ray, extra, expected):
+    space = _space(tmp_path, BEDKD_SPACE)
+    code = main(_tune_args(tiny_run, tmp_path / "out", space, *extra))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("kdshield: error:") and expected in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_tune_refuses_a_bad_space_file_before_ray(tiny_run, tmp_path, capsys, no_ray):
+    bad = {**BEDKD_SPACE, "params": {"lam": {"type": "float", "low": -1, "high": 1, "log": True}}}
+    code = main(_tune_args(tiny_run, tmp_path / "out", _space(tmp_path, bad)))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and "log scale needs low > 0" in line
+
+
+# ----------------------------------------------------------------------------- the search
+
+def _env():
+    env = dict(os.environ, RAY_ADDRESS="local", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _ray_sessions_of(pid: int) -> list[int]:
+    """Processes of the Ray instance a (dead) driver ``pid`` had started (session dir names end in its pid)."""
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [int(line.split(None, 1)[0]) for line in out.splitlines()
+            if f"_{pid}/" in line and "/tmp/ray/session_" in line]
+
+
+def _kill_strays(driver_pid: int) -> None:
+    for pid in _ray_sessions_of(driver_pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _results(out: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in (out / "trials").glob("*/result.json")}
+
+
+def _events(path: Path) -> list[str]:
+    return [json.loads(line)["event"] for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(1500)
+def test_search_killed_and_resumed_shares_the_dmm_and_reports(tiny_run, tmp_path, ray_local, capsys):
+    space = _space(tmp_path, BEDKD_SPACE)
+    out = tmp_path / "search"
+    cmd = [sys.executable, "-m", "kdshield.cli", *_tune_args(tiny_run, out, space)]
+    log = open(tmp_path / "driver1.log", "w")
+    driver = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while not _results(out) and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(1)
+        assert driver.poll() is None, (tmp_path / "driver1.log").read_text()[-3000:]
+        before = _results(out)
+        assert len(before) == 1, "the driver must be killed mid-search"
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and everything in its session
+        driver.wait()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        _kill_strays(driver.pid)
+        log.close()
+    (first_id, first), = before.items()
+    first_bytes = (out / "trials" / first_id / "result.json").read_bytes()
+
+    # --resume continues the same search: the finished trial is neither lost nor re-run
+    log = open(tmp_path / "driver2.log", "w")
+    resumed = subprocess.Popen(cmd + ["--resume"], stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                               start_new_session=True)
+    try:
+        assert resumed.wait(timeout=900) == 0, (tmp_path / "driver2.log").read_text()[-3000:]
+    finally:
+        if resumed.poll() is None:
+            os.killpg(resumed.pid, signal.SIGKILL)
+        _kill_strays(resumed.pid)
+        log.close()
+    after = _results(out)
+    assert len(after) == 2 and first_id in after
+    assert (out / "trials" / first_id / "result.json").read_bytes() == first_bytes
+    for trial_id in after:  # every finished trial trained exactly once
+        assert _events(out / "trials" / trial_id / "runs.jsonl").count("trained") == 1, trial_id
+    import optuna
+
+    study = optuna.load_study(study_name="kdshield-bedkd", storage=f"sqlite:///{out / 'study.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 2
+    assert {json.dumps(r["sampled"], sort_keys=True) for r in after.values()} == \
+        {json.dumps(t.params, sort_keys=True) for t in complete}
+
+    # ASHA's clock: training_iteration increases over each trial's AKD cycles, then the final result
+    for progress in (out / "tune").glob("run_trial_*/result.json"):
+        reports = [json.loads(line) for line in progress.read_text().splitlines()]
+        its = [r["training_iteration"] for r in reports]
+        assert its == sorted(set(its)) and reports[-1]["final"] == 1
+        assert all("defender_score" in r for r in reports)
+
+    # shared work: the probe trained the DMM once; both trials reused it (and its logits)
+    events = [json.loads(line) for line in (out / "cache" / "events.jsonl").read_text().splitlines()]
+    dmm = [e for e in events if e["kind"] == "stage" and e.get("stage") == "dmm"]
+    assert [e["hit"] for e in dmm].count(False) == 1 and [e["hit"] for e in dmm].count(True) == 2
+    assert sum(e["hit"] for e in events if e["kind"] == "logits") >= 4
+    for trial_id in after:
+        metrics = json.loads((out / "trials" / trial_id / "defend" / "metrics.json").read_text())
+        assert metrics["cache"]["stage"]["hits"] == 1 and metrics["stage_seconds"]["dmm"] == 0.0
+        assert not (out / "trials" / trial_id / "defend" / "ray").exists()
+
+    # report: tables, plots, and a best configuration that `defend --config` re-runs to the same result
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    for name in ("trials.md", "trials.csv", "pareto.png", "importance.png", "report.json", "best.yaml"):
+        assert (out / name).is_file(), name
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / "trials.md").read_text()
+    assert all(trial_id in table for trial_id in after)
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    best_id = max(after, key=lambda t: after[t]["report"]["defender_score"])
+    assert best["params"] == after[best_id]["params"]
+    assert main(["defend", "--config", str(out / "best.yaml"), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["cacc"] == pytest.approx(after[best_id]["report"]["cacc"])
+    assert again["asr"] == pytest.approx(after[best_id]["report"]["asr"])
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for root in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (root / name).is_file():
+            return str(root / name)
+    return None
+
+
+@pytest.fixture
+def postgres(tmp_path):
+    """A throwaway PostgreSQL cluster on a localhost port (as user postgres when run as root)."""
+    pytest.importorskip("psycopg2")
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        pytest.skip("PostgreSQL server binaries not installed (.ci/run installs Debian's postgresql)")
+    data, port = tmp_path / "pgdata", _free_port()
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root without a postgres user")
+        tmp_path.chmod(0o777)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*prefix, initdb, "-D", str(data), "-A", "trust", "-U", "kdshield"], check=True,
+                   capture_output=True)
+    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(tmp_path / "pg.log"), "-w", "-o",
+                    f"-p {port} -k {tmp_path} -c listen_addresses=127.0.0.1", "start"], check=True,
+                   capture_output=True)
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="kdshield", dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE studies")
+        conn.close()
+        yield f"postgresql+psycopg2://kdshield@127.0.0.1:{port}/studies"
+    finally:
+        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+
+
+FT_SPACE = {"method": "ft", "params": {"akd_lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}},
+            "fixed": {"n_c": 8, "akd_cycles": 1, "batch_size": 8, "max_length": 16}}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_study_lives_in_postgresql_and_a_search_resumes_from_it(tiny_run, tmp_path, postgres, capsys):
+    import optuna
+
+    space = _space(tmp_path, FT_SPACE)
+    out = tmp_path / "pg-search"
+    args = ["tune", "--method", "ft", "--run", str(tiny_run), "--space", space, "--max-concurrent", "1",
+            "--probe-n", "4", "--probe-set", "dmm_epochs=1", "--probe-set", "n_c_dmm=4", "--probe-set", "n_c=8",
+            "--probe-set", "batch_size=8", "--probe-set", "max_length=16", "--val-fraction", "0.25",
+            "--storage", postgres, "--study-name", "pg-study", "--out", str(out)]
+
+    def run(*extra):
+        proc = subprocess.run([sys.executable, "-m", "kdshield.cli", *args, *extra], env=_env(),
+                              capture_output=True, text=True, timeout=800, start_new_session=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run("--num-samples", "1")
+    assert not (out / "study.db").exists()  # nothing stored in the default SQLite file
+    first = optuna.load_study(study_name="pg-study", storage=postgres).trials
+    assert [t.state for t in first] == [optuna.trial.TrialState.COMPLETE]
+    # Tune's own state lost (another machine, a wiped disk): the study in PostgreSQL carries the search on
+    shutil.rmtree(out / "tune")
+    run("--num-samples", "2", "--resume")
+    trials = optuna.load_study(study_name="pg-study", storage=postgres).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert trials[0].number == first[0].number and trials[0].params == first[0].params
+    assert trials[0].values == first[0].values
+    assert len(list((out / "trials").glob("*/result.json"))) == 2
