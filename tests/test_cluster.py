@@ -235,6 +235,9 @@ class TestMultiNode:
     def test_plans_see_the_real_nodes(self, cluster):
         from kdshield.cluster import cluster_nodes, detect_autoscaler
 
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+
+        assert get_authentication_mode() == AuthenticationMode.TOKEN  # token auth on here too
         nodes = cluster_nodes()
         assert sorted(n.cpus for n in nodes) == [0, 1, 1, 2]
         assert detect_autoscaler() is not True
@@ -325,6 +328,7 @@ def test_autoscaling_experiment_scales_up_and_down(tmp_path):
     assert summary["failed_trials"] == 0 and summary["trials"] == 4
     assert summary["scaled_up"] and summary["peak_worker_nodes"] == 2
     assert summary["peak_running_trials"] >= 3  # more than one node holds
+    assert summary["peak_pending_cpus"] >= 1  # the autoscaler saw the trials' unplaced demand
     assert summary["scaled_down"]
     assert samples[-1]["worker_nodes"] == 0
     nodes = np.array([s["worker_nodes"] for s in samples if "worker_nodes" in s])

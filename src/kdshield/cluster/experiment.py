@@ -100,9 +100,10 @@ class _Sampler:
             for demand in (load.get("resource_demand") or []):  # [[{"CPU": 1}, count], ...]
                 bundle, count = demand
                 pending_cpus += bundle.get("CPU", 0) * count
-            for demand in (load.get("pg_demand") or []):
-                bundle, count = demand
-                pending_cpus += bundle.get("CPU", 0) * count
+            for demand in (load.get("pg_demand") or []):  # [[{"bundles": [[{"CPU": 1}, n]], ...}, count]]
+                group, count = demand
+                for bundle, n in group.get("bundles", []):
+                    pending_cpus += bundle.get("CPU", 0) * n * count
             report = status.get("autoscaler_report") or {}
             launching = sum((report.get("pending_launches") or {}).values()) + len(report.get("pending_nodes") or [])
         return {"t": round(time.time() - self.t0, 2), "phase": self.phase, "worker_nodes": len(workers),

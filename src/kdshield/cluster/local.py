@@ -30,6 +30,32 @@ from typing import Any, Iterator
 HEAD_TYPE = "ray.head.default"
 
 
+@contextlib.contextmanager
+def token_auth() -> Iterator[None]:
+    """Ray token authentication on for a cluster started from this process (and this driver).
+
+    ``ray.init()`` turns it on by default for the local clusters it starts (Ray >= 2.59), but
+    clusters started node by node (``ray.cluster_utils.Cluster``, an autoscaling head) get it
+    only from ``RAY_AUTH_MODE=token`` in the environment their processes inherit. The token is
+    Ray's default one (``~/.ray/auth_token``, generated if missing).
+    """
+    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+    from ray._raylet import Config
+
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
+    ensure_token_if_auth_enabled()
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_AUTH_MODE", None)
+        else:
+            os.environ["RAY_AUTH_MODE"] = saved
+        Config.initialize("")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,18 +78,19 @@ def multinode_cluster(worker_cpus: list[float], *, head_cpus: float = 0,
     if ray.is_initialized():
         raise RuntimeError("multinode_cluster: call ray.shutdown() first")
     node_args = {"object_store_memory": 200 * 1024**2, "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, **node_args})
-    try:
-        for cpus in worker_cpus:
-            cluster.add_node(num_cpus=cpus, object_store_memory=node_args["object_store_memory"])
-        cluster.wait_for_nodes()
-        if connect:
-            connect_(cluster.address)
-        yield cluster
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        cluster.shutdown()
+    with token_auth():
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, **node_args})
+        try:
+            for cpus in worker_cpus:
+                cluster.add_node(num_cpus=cpus, object_store_memory=node_args["object_store_memory"])
+            cluster.wait_for_nodes()
+            if connect:
+                connect_(cluster.address)
+            yield cluster
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            cluster.shutdown()
 
 
 def fake_multinode_config(*, head_cpus: float, worker_types: dict[str, dict[str, Any]], gcs_address: str,
@@ -125,6 +152,8 @@ class LocalAutoscalingCluster:
         import ray._private.node
         import ray._private.parameter
 
+        self._auth = token_auth()
+        self._auth.__enter__()
         self._dir = tempfile.mkdtemp(prefix="kdshield-autoscaler-")
         config_path = Path(self._dir, "autoscaler.json")
         config_path.write_text(json.dumps(self.config, indent=1))
@@ -169,6 +198,7 @@ class LocalAutoscalingCluster:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         self.head = None
+        self._auth.__exit__(None, None, None)
 
     def __enter__(self) -> "LocalAutoscalingCluster":
         return self.start()
