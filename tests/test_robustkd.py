@@ -221,7 +221,7 @@ def test_robustkd_end_to_end_on_tiny_bert(tmp_path, capsys, ray_local):
     out = tmp_path / "out"
     code = main(["defend", "--method", "robustkd", "--model", "tiny-bert", "--train", files["train"],
                  "--clean", files["clean"], "--test", files["test"], "--num-labels", "2", "--out", str(out),
-                 "--set", "mask_epochs=8", "--set", "mask_lr=0.05", "--set", "distill_epochs=2",
+                 "--set", "mask_epochs=4", "--set", "mask_lr=0.1", "--set", "m=1.0", "--set", "distill_epochs=2",
                  "--set", "batch_size=16", "--set", "max_length=32"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -236,7 +236,7 @@ def test_robustkd_end_to_end_on_tiny_bert(tmp_path, capsys, ray_local):
     # loss; (tiny-bert's random LayerNorm'd features have no systematic profile for p to cancel,
     # so its variance term alone need not fall: see test_optimising_the_mask_lowers_the_variance)
     history = metrics["history"]["mask"]
-    assert len(history) == 8 and history[-1]["clean/loss"] < history[0]["clean/loss"]
+    assert len(history) == 4 and history[-1]["clean/loss"] < history[0]["clean/loss"]
     assert len(metrics["mask"]["var_before"]) == len(metrics["teacher_layers"]) == 1
     assert metrics["mask"]["var_after"] != metrics["mask"]["var_before"]  # the learned p was read back
     assert len(metrics["history"]["distill"]) == 2

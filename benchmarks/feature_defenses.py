@@ -1,0 +1,171 @@
+"""MBTSAD's and RobustKD's tables on real data with MiniLM: No defense / TS-FT / MBTSAD /
+RobustKD / plain feature KD, per dataset x attack, with seconds and peak memory per stage.
+
+For every (dataset, attack) cell: backdoor MiniLM with ``kdshield attack`` (10% dirty-label,
+target 1; the defender's clean data is the RUN's dev split, 10% of the training rows), then run
+each defense through ``kdshield defend``. The TS-FT row is MBTSAD's first stage, evaluated on
+its own (``metrics["ts_ft"]``), unless ``ts-ft`` is also asked for as a method. Results are
+appended cell by cell to ``benchmarks/results/{tag}.json`` and rendered to ``{tag}.md``, so an
+interrupted run keeps what it finished (re-running skips finished rows).
+
+Targets (issue 5, from the papers): MBTSAD ASR <= 15% with CACC at most 2 points below the
+backdoored model; RobustKD ASR <= 10% with CACC within 4 points of plain feature distillation
+(which the RobustKD paper shows carries the backdoor over).
+
+    python benchmarks/feature_defenses.py [--datasets rotten-tomatoes cr] [--attacks badnet addsent]
+        [--methods mbtsad robustkd feature-kd] [--train-rows 3000] [--set mbtsad.distill_lr=1e-4 ...]
+        [--smoke]   # one cell, a tiny budget: proves the pipeline, not the method
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+# Scaled-down budgets for a 2-core CPU machine; every value can be overridden with
+# --set mbtsad.KEY=VALUE (also ts-ft) or --set robustkd.KEY=VALUE (also feature-kd).
+BUDGET = {
+    "mbtsad": {"copies": 3, "retrain_epochs": 3, "distill_epochs": 3, "batch_size": 16, "max_length": 96},
+    "robustkd": {"mask_epochs": 40, "distill_epochs": 10, "batch_size": 32, "max_length": 64},
+}
+SMOKE = {
+    "mbtsad": {"copies": 1, "retrain_epochs": 1, "distill_epochs": 1, "batch_size": 16, "max_length": 48,
+               "n_c": 24},
+    "robustkd": {"mask_epochs": 5, "distill_epochs": 1, "batch_size": 32, "max_length": 48, "n_c": 24},
+}
+FAMILY = {"ts-ft": "mbtsad", "mbtsad": "mbtsad", "robustkd": "robustkd", "feature-kd": "robustkd"}
+LABELS = {"none": "No defense", "ts-ft": "TS-FT", "mbtsad": "MBTSAD", "robustkd": "RobustKD",
+          "feature-kd": "plain feature KD"}
+
+
+def _stages(m: dict) -> tuple[str, str]:
+    secs = m.get("stage_seconds", {})
+    peaks = m.get("stage_peak_rss_mb", {})
+    return (", ".join(f"{k} {v:.0f}" for k, v in secs.items()),
+            ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()))
+
+
+def row(dataset: str, attack: str, method: str, m: dict) -> dict:
+    secs, peaks = _stages(m)
+    out = {"dataset": dataset, "attack": attack, "method": LABELS[method], "key": method, "CACC %": m["cacc"],
+           "ASR %": m.get("asr"), "seconds": m.get("seconds"), "stage seconds": secs, "stage peak RSS MB": peaks}
+    if "compression" in m:
+        out["compression"] = round(m["compression"], 3)
+    return out
+
+
+def render(rows: list[dict], budget: dict, args) -> str:
+    from kdshield.evaluation import markdown_table
+
+    cols = ["dataset", "attack", "method", "CACC %", "ASR %", "compression", "seconds", "stage seconds",
+            "stage peak RSS MB"]
+    by_cell: dict[tuple, dict] = {}
+    for r in rows:
+        by_cell.setdefault((r["dataset"], r["attack"]), {})[r["key"]] = r
+    verdicts = []
+    for (ds, atk), cell in by_cell.items():
+        base, mb, rk, fk = (cell.get(k) for k in ("none", "mbtsad", "robustkd", "feature-kd"))
+        if base and mb:
+            ok = mb["ASR %"] <= 15 and base["CACC %"] - mb["CACC %"] <= 2
+            verdicts.append(f"- {ds} / {atk} MBTSAD: ASR {base['ASR %']:.1f} -> {mb['ASR %']:.1f}, CACC "
+                            f"{base['CACC %']:.1f} -> {mb['CACC %']:.1f}: {'met' if ok else 'MISSED'}")
+        if rk and fk:
+            ok = rk["ASR %"] <= 10 and fk["CACC %"] - rk["CACC %"] <= 4
+            verdicts.append(f"- {ds} / {atk} RobustKD: ASR {rk['ASR %']:.1f} (plain feature KD {fk['ASR %']:.1f}), "
+                            f"CACC {rk['CACC %']:.1f} vs {fk['CACC %']:.1f}: {'met' if ok else 'MISSED'}")
+    title = "# MBTSAD and RobustKD on real data (MiniLM-L6)"
+    if args.smoke:
+        title += " -- REDUCED SMOKE RUN (tiny budget: proves the pipeline runs, says nothing about the methods)"
+    return (f"{title}\n\n`python benchmarks/feature_defenses.py {' '.join(args.argv)}`; budgets: "
+            f"`{json.dumps(budget)}`; poison rate 10% dirty-label, target label 1; the defender's clean data "
+            "is the RUN's dev split. `stage seconds` / `stage peak RSS MB`: per stage (peak RSS of rank 0's Ray "
+            "Train worker process; teacher caching and evaluation run in Ray Data actors and are timed, "
+            "not measured for memory).\n\n"
+            + markdown_table(rows, cols)
+            + "\n\nTargets: MBTSAD ASR <= 15% with CACC drop <= 2 points; RobustKD ASR <= 10% with CACC within "
+              "4 points of plain feature KD.\n\n" + "\n".join(verdicts) + "\n")
+
+
+def main() -> None:
+    import sys
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=["rotten-tomatoes", "cr"])
+    ap.add_argument("--attacks", nargs="+", default=["badnet", "addsent"])
+    ap.add_argument("--methods", nargs="+", default=["mbtsad", "robustkd", "feature-kd"],
+                    choices=sorted(FAMILY))
+    ap.add_argument("--train-rows", type=int, default=3000)
+    ap.add_argument("--test-rows", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=3, help="attack (victim training) epochs")
+    ap.add_argument("--set", action="append", default=[], metavar="FAMILY.KEY=VALUE")
+    ap.add_argument("--smoke", action="store_true", help="one cell, tiny budget and data (a pipeline check)")
+    ap.add_argument("--work", default=str(HERE / "work" / "feature_defenses"))
+    ap.add_argument("--tag", default=None, help="results file name (default feature_defenses, or ..._smoke)")
+    args = ap.parse_args()
+    args.argv = sys.argv[1:]
+    tag = args.tag or ("feature_defenses_smoke" if args.smoke else "feature_defenses")
+    if args.smoke:
+        args.datasets, args.attacks = args.datasets[:1], args.attacks[:1]
+
+    from kdshield.config import parse_assignments
+    from kdshield.datasets import build_corpus, read_table, write_table
+    from kdshield.demo import subset
+    from kdshield.trainables.attack import AttackJob, run_attack
+    from kdshield.trainables.defend import DefendJob, run_defend
+
+    budget = {k: dict(v) for k, v in (SMOKE if args.smoke else BUDGET).items()}
+    for key, value in parse_assignments(args.set).items():
+        family, _, name = key.partition(".")
+        if family not in budget or not name:
+            raise SystemExit(f"--set {key}: expected mbtsad.KEY=VALUE or robustkd.KEY=VALUE")
+        budget[family][name] = value
+    RESULTS.mkdir(exist_ok=True)
+    store = RESULTS / f"{tag}.json"
+    rows = json.loads(store.read_text())["rows"] if store.exists() else []
+    done = {(r["dataset"], r["attack"], r["key"]) for r in rows}
+    work = Path(args.work) / tag
+
+    def save():
+        store.write_text(json.dumps({"budget": budget, "args": {k: v for k, v in vars(args).items()},
+                                     "rows": rows}, indent=2))
+        (RESULTS / f"{tag}.md").write_text(render(rows, budget, args))
+
+    scaling = {"workers": 1, "cpus_per_worker": 2}
+    for dataset in args.datasets:
+        corpus = work / dataset / "corpus"
+        build_corpus(dataset, corpus, seed=0)
+        data = work / dataset / "data"
+        write_table(subset(read_table(corpus / "train.parquet"), args.train_rows, 0), data / "train.parquet")
+        write_table(subset(read_table(corpus / "test.parquet"), args.test_rows, 0), data / "test.parquet")
+        for attack in args.attacks:
+            run = work / dataset / attack / "run"
+            metrics = run_attack(AttackJob(
+                train=str(data / "train.parquet"), test=str(data / "test.parquet"), model="minilm", out=str(run),
+                attack=attack, poison_rate=0.1, target_label=1, training={"epochs": args.epochs, "lr": 5e-5},
+                scaling=scaling))
+            if (dataset, attack, "none") not in done:
+                rows.append(row(dataset, attack, "none", metrics))
+                save()
+            for method in args.methods:
+                if (dataset, attack, method) in done:
+                    continue
+                m = run_defend(DefendJob(method=method, run=str(run), out=str(work / dataset / attack / method),
+                                         overwrite=True, params=budget[FAMILY[method]], scaling=scaling))
+                if method == "mbtsad" and "ts_ft" in m and "ts-ft" not in args.methods \
+                        and (dataset, attack, "ts-ft") not in done:
+                    ts = {**m["ts_ft"], "seconds": m["stage_seconds"].get("ts_ft"),
+                          "stage_seconds": {"ts_ft": m["stage_seconds"].get("ts_ft", 0.0)},
+                          "stage_peak_rss_mb": {k: v for k, v in m.get("stage_peak_rss_mb", {}).items()
+                                                if k == "ts_ft"}}
+                    rows.append(row(dataset, attack, "ts-ft", ts))
+                rows.append(row(dataset, attack, method, m))
+                save()
+                print(render(rows, budget, args), flush=True)
+
+
+if __name__ == "__main__":
+    main()
