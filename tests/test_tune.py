@@ -316,7 +316,10 @@ def postgres(tmp_path):
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not (initdb and pg_ctl):
         pytest.skip("PostgreSQL server binaries not installed (.ci/run installs Debian's postgresql)")
-    data, port = tmp_path / "pgdata", _free_port()
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(prefix="kdshield-pg-"))  # under /tmp: reachable by the postgres user
+    data, port = home / "pgdata", _free_port()
     prefix: list[str] = []
     if os.geteuid() == 0:  # postgres refuses to run as root
         import pwd
@@ -325,12 +328,12 @@ def postgres(tmp_path):
             pwd.getpwnam("postgres")
         except KeyError:
             pytest.skip("running as root without a postgres user")
-        tmp_path.chmod(0o777)
+        home.chmod(0o777)
         prefix = ["runuser", "-u", "postgres", "--"]
     subprocess.run([*prefix, initdb, "-D", str(data), "-A", "trust", "-U", "kdshield"], check=True,
                    capture_output=True)
-    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(tmp_path / "pg.log"), "-w", "-o",
-                    f"-p {port} -k {tmp_path} -c listen_addresses=127.0.0.1", "start"], check=True,
+    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(home / "pg.log"), "-w", "-o",
+                    f"-p {port} -k {home} -c listen_addresses=127.0.0.1", "start"], check=True,
                    capture_output=True)
     try:
         import psycopg2
@@ -342,6 +345,7 @@ def postgres(tmp_path):
         yield f"postgresql+psycopg2://kdshield@127.0.0.1:{port}/studies"
     finally:
         subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 FT_SPACE = {"method": "ft", "params": {"akd_lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}},
