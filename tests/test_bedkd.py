@@ -16,6 +16,7 @@ from kdshield.defenses.bedkd import (
     BeDKDConfig,
     DistillLoss,
     PunishLoss,
+    backdoor_confidence,
     calibrate_gamma,
     flip_labels,
     identify,
@@ -258,6 +259,23 @@ def test_identify():
     assert identify(values, preds, gamma=0.1, n_p=3, target_label=None).dtype == np.int64
     with pytest.raises(ValueError):
         identify(values, preds[:3], gamma=0.1, n_p=2, target_label=None)
+
+
+def test_identify_confident_prefers_samples_both_models_are_sure_of():
+    # three candidates under gamma predicted as the target: an ambiguous clean sample where both
+    # models say ~0.55 (MEPD 0.01, the smallest), and two backdoored ones both models are sure of
+    p_teacher = np.array([[0.45, 0.55], [0.01, 0.99], [0.03, 0.97], [0.9, 0.1]])
+    p_dmm = np.array([[0.46, 0.54], [0.04, 0.96], [0.07, 0.93], [0.2, 0.8]])
+    values, preds = mepd(p_teacher, p_dmm), p_teacher.argmax(-1)
+    conf = backdoor_confidence(p_teacher, p_dmm)
+    np.testing.assert_allclose(conf, [0.54, 0.96, 0.93, 0.2])  # min over the two models, teacher's label
+    assert identify(values, preds, gamma=0.1, n_p=2, target_label=1, selection="smallest").tolist() == [0, 1]
+    assert identify(values, preds, gamma=0.1, n_p=2, target_label=1, selection="confident",
+                    confidence=conf).tolist() == [1, 2]
+    with pytest.raises(ValueError, match="confidence"):
+        identify(values, preds, gamma=0.1, n_p=2, target_label=1, selection="confident")
+    with pytest.raises(ValueError, match="shape"):
+        backdoor_confidence(p_teacher, p_dmm[:2])
 
 
 # ----------------------------------------------------------------------------- settings

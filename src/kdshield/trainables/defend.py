@@ -243,69 +243,113 @@ def run_kd(d: Defense) -> tuple[str, dict]:
     return model, {}
 
 
-def run_bedkd(d: Defense) -> tuple[str, dict]:
-    """DMM distillation -> MEPD identification -> adversarial KD (trust + punish cycles)."""
-    from kdshield.defenses.bedkd import (DistillLoss, PunishLoss, calibrate_gamma, flip_labels, identify,
-                                         majority_label, mepd, plot_mepd_histogram, softmax)
-    from kdshield.evaluation import far_frr
+@dataclass
+class Identification:
+    """What BeDKD's identification step found in the suspect training set."""
+
+    rows: np.ndarray     # [k] int64: indices of the samples called poisoned (at most n_p)
+    preds: np.ndarray    # [N]: the suspect model's predicted label of every training sample
+    scores: np.ndarray   # [N]: MEPD between suspect model and DMM
+    info: dict[str, Any]  # gamma, counts, and FAR/FRR/precisions where the ground truth exists
+
+
+def bedkd_clean_sets(d: Defense) -> tuple[pa.Table, pa.Table]:
+    """The AKD trust set (``n_c`` per class) and the DMM set (``n_c_dmm`` per class, drawn from it)."""
+    c = d.config
+    akd_clean = sample_per_class(d.inputs.clean, c.n_c, c.seed)
+    return akd_clean, sample_per_class(akd_clean, c.n_c_dmm, c.seed + 1)
+
+
+def bedkd_dmm(d: Defense, dmm_clean: pa.Table) -> str:
+    """Step 1, the DMM: a copy of the suspect model distilled from it on clean data with flipped
+    labels (alpha * CE(flipped) + (1 - alpha) * (KL_T + MSE)). Returns its model directory."""
+    from kdshield.defenses.bedkd import DistillLoss, flip_labels
     from kdshield.trainables.stage import Phase
 
+    c, suspect = d.config, d.inputs.model_dir
+    flipped = _with_labels(dmm_clean, flip_labels(dmm_clean.column("label").to_numpy(), d.inputs.num_labels))
+    return d.train("dmm", suspect, [Phase("flipped", DistillLoss(c.alpha, c.dmm_temperature))],
+                   {"flipped": d.with_teacher(d.stream(flipped), suspect)},
+                   epochs=c.dmm_epochs, lr=c.dmm_lr, teacher=suspect)
+
+
+def bedkd_identify(d: Defense, dmm: str, *, calibration: pa.Table | None = None,
+                   n_p: int | None = None, histogram: Path | None = None) -> Identification:
+    """Step 2: MEPD between suspect model and DMM on every suspect training sample; candidates
+    are below gamma (fixed, or calibrated on ``calibration`` for ``target_frr``) and predicted as
+    the suspect model's majority label; at most ``n_p`` (default: the config's) are kept by the
+    config's ``selection``. FAR/FRR/precision are scored against ``poisoned`` when present."""
+    from kdshield.defenses.bedkd import (backdoor_confidence, calibrate_gamma, identify, majority_label, mepd,
+                                         plot_mepd_histogram, softmax)
+    from kdshield.evaluation import far_frr
+
     c, i, suspect = d.config, d.inputs, d.inputs.model_dir
-    akd_clean = sample_per_class(i.clean, c.n_c, c.seed)
-    dmm_clean = sample_per_class(akd_clean, c.n_c_dmm, c.seed + 1)
-
-    # 1. DMM: a copy of the suspect model distilled from it on clean data with flipped labels.
-    flipped = _with_labels(dmm_clean, flip_labels(dmm_clean.column("label").to_numpy(), i.num_labels))
-    dmm = d.train("dmm", suspect, [Phase("flipped", DistillLoss(c.alpha, c.dmm_temperature))],
-                  {"flipped": d.with_teacher(d.stream(flipped), suspect)},
-                  epochs=c.dmm_epochs, lr=c.dmm_lr, teacher=suspect)
-
-    # 2. Identification: MEPD between suspect model and DMM on every suspect training sample.
     t0 = time.perf_counter()
     train_stream = d.stream(i.train)
     suspect_logits = d.logits(train_stream, suspect)
-    scores = mepd(softmax(suspect_logits), softmax(d.logits(train_stream, dmm)))
+    p_suspect, p_dmm = softmax(suspect_logits), softmax(d.logits(train_stream, dmm))
+    scores = mepd(p_suspect, p_dmm)
     preds = suspect_logits.argmax(-1)
     gamma = c.gamma
     if gamma is None:
-        held_out = np.setdiff1d(i.clean.column("source_index").to_numpy(), dmm_clean.column("source_index").to_numpy())
-        calib = i.clean.filter(pa.array(np.isin(i.clean.column("source_index").to_numpy(), held_out)))
-        calib_stream = d.stream(calib if calib.num_rows else akd_clean)
+        if calibration is None or not calibration.num_rows:
+            raise ValueError("target_frr needs clean calibration samples")
+        calib_stream = d.stream(calibration)
         gamma = calibrate_gamma(mepd(softmax(d.logits(calib_stream, suspect)), softmax(d.logits(calib_stream, dmm))),
                                 c.target_frr)
     target = majority_label(preds) if c.require_target_prediction else None
-    flagged_rows = identify(scores, preds, gamma=gamma, n_p=c.n_p, target_label=target, selection=c.selection,
-                            seed=c.seed)
-    info: dict[str, Any] = {"gamma": float(gamma), "n_identified": int(len(flagged_rows)),
-                            "majority_label": int(majority_label(preds))}
+    rows = identify(scores, preds, gamma=gamma, n_p=c.n_p if n_p is None else n_p, target_label=target,
+                    selection=c.selection, seed=c.seed, confidence=backdoor_confidence(p_suspect, p_dmm))
+    info: dict[str, Any] = {"gamma": float(gamma), "n_identified": int(len(rows)),
+                            "majority_label": int(majority_label(preds)), "selection": c.selection}
     truth = i.train.column("poisoned").to_numpy(zero_copy_only=False) if "poisoned" in i.train.column_names else None
-    if truth is not None:
+    if truth is not None:  # ground truth: scored, never used
         below = scores < gamma  # the threshold's own verdict on every sample (FAR/FRR of Eq. 4)
         info["far"], info["frr"] = far_frr(below, truth)
         candidates = below & (preds == target) if target is not None else below
+        info["n_candidates"] = int(candidates.sum())
         info["candidate_precision"] = float(100.0 * truth[candidates].mean()) if candidates.any() else float("nan")
-        info["identified_precision"] = float(100.0 * truth[flagged_rows].mean()) if len(flagged_rows) else float("nan")
-    plot_mepd_histogram(scores, truth, gamma, d.work / "mepd.png")
-    d.stage_seconds["identify"] = time.perf_counter() - t0
-    say(f"identified {len(flagged_rows)} suspicious samples (gamma {gamma:.4f}"
-        + (f", FAR {info['far']:.1f}%, FRR {info['frr']:.1f}%)" if truth is not None else ")"))
+        info["identified_precision"] = float(100.0 * truth[rows].mean()) if len(rows) else float("nan")
+    if histogram is not None:
+        plot_mepd_histogram(scores, truth, gamma, histogram)
+    d.stage_seconds["identify"] = d.stage_seconds.get("identify", 0.0) + time.perf_counter() - t0
+    say(f"identified {len(rows)} suspicious samples (gamma {gamma:.4f}"
+        + (f", FAR {info['far']:.1f}%, FRR {info['frr']:.1f}%, precision {info['identified_precision']:.1f}%)"
+           if truth is not None and len(rows) else ")"))
+    return Identification(rows=rows, preds=preds, scores=scores, info=info)
+
+
+def run_bedkd(d: Defense) -> tuple[str, dict]:
+    """DMM distillation -> MEPD identification -> adversarial KD (trust + punish cycles)."""
+    from kdshield.defenses.bedkd import DistillLoss, PunishLoss
+    from kdshield.trainables.stage import Phase
+
+    c, i, suspect = d.config, d.inputs, d.inputs.model_dir
+    akd_clean, dmm_clean = bedkd_clean_sets(d)
+    dmm = bedkd_dmm(d, dmm_clean)
+    # gamma calibration (target_frr) on clean samples the DMM did not train on
+    calibration = i.clean.filter(pa.array(~np.isin(i.clean.column("source_index").to_numpy(),
+                                                   dmm_clean.column("source_index").to_numpy())))
+    found = bedkd_identify(d, dmm, calibration=calibration if calibration.num_rows else akd_clean,
+                           histogram=d.work / "mepd.png")
+    rows, preds = found.rows, found.preds
 
     # 3. AKD: trust distillation on clean data, punish distillation on the identified samples.
     phases = [Phase("clean", DistillLoss(c.lam, c.akd_temperature), name="trust")]
     streams = {"clean": d.with_teacher(d.stream(akd_clean), suspect)}
-    if len(flagged_rows) >= d.job.scaling.workers:
-        punished = _with_labels(i.train.take(pa.array(flagged_rows)), preds[flagged_rows])
+    if len(rows) >= d.job.scaling.workers:
+        punished = _with_labels(i.train.take(pa.array(rows)), preds[rows])
         streams["poison"] = d.with_teacher(d.stream(punished), suspect)
         phases.append(Phase("poison", PunishLoss(c.lam, c.akd_temperature, c.punish, c.punish_margin),
                             name="punish"))
     else:
         say("too few samples identified to punish: AKD runs trust distillation only")
     model = d.train("akd", suspect, phases, streams, epochs=c.akd_cycles, lr=c.akd_lr, teacher=suspect)
-    write_json(d.work / "identification.json", {**info, "mepd": np.round(scores, 6).tolist(),
-                                                "rows": [int(r) for r in flagged_rows],
+    write_json(d.work / "identification.json", {**found.info, "mepd": np.round(found.scores, 6).tolist(),
+                                                "rows": [int(r) for r in rows],
                                                 "source_index": i.train.column("source_index").to_numpy()[
-                                                    flagged_rows].tolist()})
-    return model, info
+                                                    rows].tolist()})
+    return model, found.info
 
 
 RECIPES = {"bedkd": run_bedkd, "ft": run_ft, "kd": run_kd}

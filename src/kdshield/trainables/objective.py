@@ -66,10 +66,9 @@ def build_probe(job, shared: Path, *, cache, val_fraction: float, probe_n: int, 
     labelled with the target label is written too, for per-epoch ASR estimates.
     """
     from kdshield.datasets import stratified_split, write_table
-    from kdshield.defenses.bedkd import DistillLoss, flip_labels, identify, majority_label, mepd, softmax
-    from kdshield.trainables.defend import Defense, _with_labels, resolve_inputs, sample_per_class
+    from kdshield.trainables.defend import (Defense, _with_labels, bedkd_clean_sets, bedkd_dmm, bedkd_identify,
+                                            resolve_inputs)
     from kdshield.trainables.hooks import DefenseHooks
-    from kdshield.trainables.stage import Phase
 
     done = shared / "probe.json"
     if done.is_file():
@@ -88,21 +87,12 @@ def build_probe(job, shared: Path, *, cache, val_fraction: float, probe_n: int, 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     d = Defense(job, inputs, work, DefenseHooks(cache=cache))
-    c, suspect = d.config, inputs.model_dir
-    # The DMM exactly as run_bedkd builds it, so a BeDKD trial with these settings reuses it.
-    akd_clean = sample_per_class(clean_train, c.n_c, c.seed)
-    dmm_clean = sample_per_class(akd_clean, c.n_c_dmm, c.seed + 1)
-    flipped = _with_labels(dmm_clean, flip_labels(dmm_clean.column("label").to_numpy(), inputs.num_labels))
-    dmm = d.train("dmm", suspect, [Phase("flipped", DistillLoss(c.alpha, c.dmm_temperature))],
-                  {"flipped": d.with_teacher(d.stream(flipped), suspect)},
-                  epochs=c.dmm_epochs, lr=c.dmm_lr, teacher=suspect)
-    train_stream = d.stream(inputs.train)
-    suspect_logits = d.logits(train_stream, suspect)
-    scores = mepd(softmax(suspect_logits), softmax(d.logits(train_stream, dmm)))
-    preds = suspect_logits.argmax(-1)
-    target = majority_label(preds)
-    rows = identify(scores, preds, gamma=c.gamma if c.gamma is not None else 0.1, n_p=probe_n,
-                    target_label=target, selection="smallest", seed=c.seed)
+    c = d.config
+    # The DMM and identification exactly as run_bedkd does them, so a BeDKD trial with these
+    # settings reuses the cached DMM stage.
+    _, dmm_clean = bedkd_clean_sets(d)
+    found = bedkd_identify(d, bedkd_dmm(d, dmm_clean), calibration=val, n_p=probe_n)
+    rows, preds, target = found.rows, found.preds, found.info["majority_label"]
     flagged = _with_labels(inputs.train.take(pa.array(rows, pa.int64())), preds[rows])
     write_table(flagged, shared / "flagged.parquet")
     info: dict[str, Any] = {"n_val": val.num_rows, "n_clean_train": clean_train.num_rows,
