@@ -120,8 +120,10 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['peak_rss_mb']:.0f} | {r['step_peak_above_setup_mb']:.0f} | "
                      f"{r['attention_term_mb']:.0f} | {r['seconds_per_step']:.2f} |")
-    lines += ["", "Timings were taken on a shared, heavily loaded 2-core machine: compare them only within "
-              "this table, if at all."]
+    lines += ["", "Reading: peak RSS is coarse (allocator caching moves it by ~150 MB from run to run; `tap` "
+              "reading below `no-att` is that noise: both keep the same autograd tensors). Differences well above "
+              "that are what the way of reading attention costs. Timings were taken on a shared, heavily loaded "
+              "2-core machine: compare them only within this table, if at all."]
     (RESULTS / "mbtsad_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
