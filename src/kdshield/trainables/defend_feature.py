@@ -12,6 +12,10 @@ plain feature distillation), each a list of stages on the one engine.
   tokenizer) learns the detoxified features through linear connectors, plus CE.
 * ``feature-kd``: the same student and distillation without masks (the paper's FKD baseline).
 
+``--teacher-outputs live`` applies to MBTSAD's distillation only: RobustKD's cached teacher
+features are one pooled vector per layer and sample (4 (N+1) H bytes: 10.8 KB for MiniLM),
+always cheaper to cache than to recompute at every step of the mask and distillation stages.
+
 Settings: :class:`kdshield.defenses.mbtsad.MBTSADConfig` and
 :class:`kdshield.defenses.robustkd.RobustKDConfig`. Everything that depends on the model (layer
 indices, student size, tokenizer, eager attention, the teacher's head) is checked by
