@@ -23,15 +23,18 @@ RESULTS = HERE / "results"
 
 # Scaled-down budget for a 2-core CPU machine (the authors': n_c 320/class, 50 AKD cycles,
 # DMM 80/class x 20 epochs); every value can be overridden with --set.
-BUDGET = {"n_c_dmm": 40, "n_c": 64, "n_p": 32, "dmm_epochs": 10, "akd_cycles": 10, "batch_size": 16,
-          "max_length": 64}
+BUDGET = {"n_c_dmm": 80, "n_c": 80, "n_p": 32, "dmm_epochs": 20, "akd_cycles": 10, "punish_passes": 5,
+          "batch_size": 16, "max_length": 64}
+# Method rows that are BeDKD with one setting changed (the bounded/unbounded punish comparison).
+VARIANTS = {"bedkd-unbounded": ("bedkd", {"punish": "unbounded"}),
+            "bedkd-1pass": ("bedkd", {"punish_passes": 1})}
 
 
 def render(rows: list[dict], budget: dict, args) -> str:
     from kdshield.evaluation import markdown_table
 
     cols = ["dataset", "attack", "method", "CACC %", "ASR %", "FAR %", "FRR %", "identified", "precision %",
-            "seconds"]
+            "prec. smallest %", "prec. random %", "seconds"]
     verdicts = []
     by_cell: dict[tuple, dict] = {}
     for r in rows:
@@ -46,7 +49,10 @@ def render(rows: list[dict], budget: dict, args) -> str:
             f"`python benchmarks/bedkd.py --train-rows {args.train_rows}` ; defense budget (all methods): "
             f"`{json.dumps(budget)}`; poison rate 10% dirty-label, target label 1; FAR/FRR are the MEPD "
             "threshold's errors on the whole suspect training set, `identified` the samples kept for "
-            "punishment (at most n_p) and `precision` the share of them that were really poisoned.\n\n"
+            "punishment (at most n_p) and `precision` the share of them that were really poisoned "
+            "(selection `confident`, the default; the `prec.` columns: what the `smallest` MEPD and a "
+            "`random` draw would have kept). Variants: " + ", ".join(
+                f"`{k}` = bedkd with `{json.dumps(v[1])}`" for k, v in VARIANTS.items()) + ".\n\n"
             + markdown_table(rows, cols) + "\n\nTarget: ASR >= 90% before, <= 5% after, CACC drop <= 2 points.\n\n"
             + "\n".join(verdicts) + "\n")
 
@@ -100,12 +106,14 @@ def main() -> None:
             for method in args.methods:
                 if (dataset, attack, method) in done:
                     continue
-                m = run_defend(DefendJob(method=method, run=str(run), out=str(work / dataset / attack / method),
-                                         overwrite=True, params=budget,
+                base, extra = VARIANTS.get(method, (method, {}))
+                m = run_defend(DefendJob(method=base, run=str(run), out=str(work / dataset / attack / method),
+                                         overwrite=True, params={**budget, **extra},
                                          scaling={"workers": 1, "cpus_per_worker": 2}))
                 rows.append({"dataset": dataset, "attack": attack, "method": method, "CACC %": m["cacc"],
                              "ASR %": m["asr"], "FAR %": m.get("far"), "FRR %": m.get("frr"),
                              "identified": m.get("n_identified"), "precision %": m.get("identified_precision"),
+                             "prec. smallest %": m.get("precision_smallest"), "prec. random %": m.get("precision_random"),
                              "seconds": m["seconds"]})
                 save()
                 print(render(rows, budget, args), flush=True)

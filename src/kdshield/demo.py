@@ -16,8 +16,8 @@ from kdshield.trainables.runs import say
 
 DEMO_TRAIN_ROWS = 1600
 DEMO_TEST_ROWS = 500
-DEMO_BEDKD = {"n_c_dmm": 40, "n_c": 48, "n_p": 32, "dmm_epochs": 8, "akd_cycles": 6, "max_length": 48,
-              "selection": "random"}
+DEMO_BEDKD = {"n_c_dmm": 80, "n_c": 80, "n_p": 32, "dmm_epochs": 16, "akd_cycles": 8, "punish_passes": 5,
+              "max_length": 48}
 
 
 def subset(table: pa.Table, rows: int, seed: int) -> pa.Table:

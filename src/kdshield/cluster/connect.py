@@ -34,7 +34,9 @@ def default_env() -> dict[str, str]:
 def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
     """Join the Ray cluster at ``address`` (``auto``, ``ray://host:10001``), or start a local one.
 
-    A no-op when Ray is already initialised in this process. Token authentication stays as
+    Without ``address``, ``RAY_ADDRESS`` is joined when set (as inside a Ray job), and otherwise
+    a new local instance is started even when another Ray runs on this machine (plain
+    ``ray.init()`` would join that one). A no-op when Ray is already initialised in this process. Token authentication stays as
     Ray configures it (on by default for local clusters).
     """
     import ray
@@ -44,10 +46,11 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     os.environ.update(default_env())  # the driver's own DeepSpeed imports too
     kwargs = {"runtime_env": {"env_vars": default_env()},
               "logging_level": logging.WARNING if quiet else logging.INFO}
+    address = address or os.environ.get("RAY_ADDRESS")  # a RayJob's entrypoint joins its cluster
     if address:
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+    else:  # "local": never silently join another cluster that happens to run on this machine
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
     _STARTED_LOCAL[0] = not address
     logging.getLogger("ray.data").setLevel(logging.WARNING if quiet else logging.INFO)
     ctx = ray.data.DataContext.get_current()

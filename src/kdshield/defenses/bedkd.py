@@ -68,6 +68,10 @@ class BeDKDConfig(_Settings):
     akd_cycles: int = Field(50, ge=1, description=(
         "AKD epochs; each is one trust pass over the clean set and one punish pass over the "
         "identified poisoned set"))
+    punish_passes: int = Field(1, ge=1, le=100, description=(
+        "punish passes over the identified samples per AKD cycle (the paper: 1). With n_p "
+        "much smaller than the clean set, one pass is a few optimizer steps against dozens of "
+        "trust steps; more passes rebalance the cycle (measured in benchmarks/results/bedkd.md)"))
     dmm_lr: float = Field(3e-5, gt=0, le=1, description="Adam learning rate of the DMM stage")
     akd_lr: float = Field(3e-5, gt=0, le=1, description="Adam learning rate of the AKD stage")
     batch_size: int = Field(16, ge=1, description="micro-batch size of both stages")
@@ -83,8 +87,8 @@ class BeDKDConfig(_Settings):
         "which n_p of the candidates (MEPD < gamma, predicted as the target) are punished: "
         "'confident' (default) those both models give the highest probability of their "
         "predicted label (min of the two), 'smallest' the smallest MEPD, 'random' a seeded draw. "
-        "The paper only says 'MEPD < gamma'; benchmarks/results/bedkd_selection.md measures "
-        "the precision of each"))
+        "The paper only says 'MEPD < gamma'; benchmarks/results/bedkd.md gives the "
+        "precision of each"))
     require_target_prediction: bool = Field(True, description=(
         "identified samples must also be predicted as the poisoned model's majority label over "
         "the suspect training set (the authors' code)"))
@@ -359,7 +363,7 @@ def identify(mepd: np.ndarray, preds: np.ndarray, *, gamma: float, n_p: int,
     1/C in each), i.e. on ambiguous clean samples, and "smallest" picks those first. A
     backdoored sample is one where the DMM kept the poisoned model's verdict *with its
     confidence*, so among the candidates the ones both models are surest about are the
-    poisoned ones (measured: benchmarks/results/bedkd_selection.md).
+    poisoned ones (measured: the precision columns of benchmarks/results/bedkd.md).
     """
     values = np.asarray(mepd, dtype=np.float64).reshape(-1)
     preds = np.asarray(preds).reshape(-1)

@@ -298,8 +298,9 @@ def bedkd_identify(d: Defense, dmm: str, *, calibration: pa.Table | None = None,
         gamma = calibrate_gamma(mepd(softmax(d.logits(calib_stream, suspect)), softmax(d.logits(calib_stream, dmm))),
                                 c.target_frr)
     target = majority_label(preds) if c.require_target_prediction else None
-    rows = identify(scores, preds, gamma=gamma, n_p=c.n_p if n_p is None else n_p, target_label=target,
-                    selection=c.selection, seed=c.seed, confidence=backdoor_confidence(p_suspect, p_dmm))
+    n_p, confidence = c.n_p if n_p is None else n_p, backdoor_confidence(p_suspect, p_dmm)
+    rows = identify(scores, preds, gamma=gamma, n_p=n_p, target_label=target, selection=c.selection, seed=c.seed,
+                    confidence=confidence)
     info: dict[str, Any] = {"gamma": float(gamma), "n_identified": int(len(rows)),
                             "majority_label": int(majority_label(preds)), "selection": c.selection}
     truth = i.train.column("poisoned").to_numpy(zero_copy_only=False) if "poisoned" in i.train.column_names else None
@@ -310,6 +311,10 @@ def bedkd_identify(d: Defense, dmm: str, *, calibration: pa.Table | None = None,
         info["n_candidates"] = int(candidates.sum())
         info["candidate_precision"] = float(100.0 * truth[candidates].mean()) if candidates.any() else float("nan")
         info["identified_precision"] = float(100.0 * truth[rows].mean()) if len(rows) else float("nan")
+        for way in ("confident", "smallest", "random"):  # what each selection rule would have kept
+            kept = identify(scores, preds, gamma=gamma, n_p=n_p, target_label=target, selection=way, seed=c.seed,
+                            confidence=confidence)
+            info[f"precision_{way}"] = float(100.0 * truth[kept].mean()) if len(kept) else float("nan")
     if histogram is not None:
         plot_mepd_histogram(scores, truth, gamma, histogram)
     d.stage_seconds["identify"] = d.stage_seconds.get("identify", 0.0) + time.perf_counter() - t0
@@ -340,8 +345,8 @@ def run_bedkd(d: Defense) -> tuple[str, dict]:
     if len(rows) >= d.job.scaling.workers:
         punished = _with_labels(i.train.take(pa.array(rows)), preds[rows])
         streams["poison"] = d.with_teacher(d.stream(punished), suspect)
-        phases.append(Phase("poison", PunishLoss(c.lam, c.akd_temperature, c.punish, c.punish_margin),
-                            name="punish"))
+        punish = Phase("poison", PunishLoss(c.lam, c.akd_temperature, c.punish, c.punish_margin), name="punish")
+        phases += [punish] * c.punish_passes
     else:
         say("too few samples identified to punish: AKD runs trust distillation only")
     model = d.train("akd", suspect, phases, streams, epochs=c.akd_cycles, lr=c.akd_lr, teacher=suspect)
