@@ -286,6 +286,7 @@ def test_config_defaults_are_the_authors():
     assert (cfg.gamma, cfg.target_frr, cfg.n_c_dmm, cfg.n_c, cfg.n_p) == (0.1, None, 80, 320, 32)
     assert (cfg.dmm_epochs, cfg.akd_cycles, cfg.batch_size, cfg.punish) == (20, 50, 16, "bounded")
     assert cfg.require_target_prediction and cfg.punish_margin == 1.0
+    assert (cfg.selection, cfg.punish_passes) == ("confident", 5)  # kdshield's measured departures
     assert all(f.description for f in BeDKDConfig.model_fields.values())
     frr = parse_settings(BeDKDConfig, {"target_frr": 0.05}, source="bedkd")
     assert frr.gamma is None and frr.target_frr == 0.05
@@ -301,6 +302,7 @@ def test_config_defaults_are_the_authors():
     ({"target_frr": 1.0}, "target_frr"), ({"gamma": 0}, "gamma"),
     ({"punish": "soft"}, "punish"), ({"punish_margin": 0}, "punish_margin"),
     ({"max_length": 4}, "max_length"), ({"akd_lr": 0}, "akd_lr"),
+    ({"punish_passes": 0}, "punish_passes"), ({"selection": "best"}, "selection"),
     ({"typo": 1}, "typo"),
 ])
 def test_config_refuses_bad_values(values, where):

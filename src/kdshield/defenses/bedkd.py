@@ -68,10 +68,11 @@ class BeDKDConfig(_Settings):
     akd_cycles: int = Field(50, ge=1, description=(
         "AKD epochs; each is one trust pass over the clean set and one punish pass over the "
         "identified poisoned set"))
-    punish_passes: int = Field(1, ge=1, le=100, description=(
-        "punish passes over the identified samples per AKD cycle (the paper: 1). With n_p "
-        "much smaller than the clean set, one pass is a few optimizer steps against dozens of "
-        "trust steps; more passes rebalance the cycle (measured in benchmarks/results/bedkd.md)"))
+    punish_passes: int = Field(5, ge=1, le=100, description=(
+        "punish passes over the identified samples per AKD cycle (the paper: 1; default 5). With "
+        "n_p much smaller than the clean set, one pass is a few optimizer steps against dozens "
+        "of trust steps and the trust passes undo them; more passes rebalance the cycle "
+        "(benchmarks/results/bedkd.md, variant bedkd-1pass)"))
     dmm_lr: float = Field(3e-5, gt=0, le=1, description="Adam learning rate of the DMM stage")
     akd_lr: float = Field(3e-5, gt=0, le=1, description="Adam learning rate of the AKD stage")
     batch_size: int = Field(16, ge=1, description="micro-batch size of both stages")

@@ -264,17 +264,6 @@ def _train_worker(config: dict[str, Any]) -> None:
         last_checkpoint = time.monotonic()
 
 
-def _teacher_columns(teacher, batch):
-    """What batch inference would have cached for this batch, computed now."""
-    import torch
-
-    with torch.no_grad():
-        out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      output_hidden_states=True)
-    mask = batch["attention_mask"].unsqueeze(-1).to(out.hidden_states[-1].dtype)
-    return {"teacher_logits": out.logits.float(), "teacher_hidden_seq": out.hidden_states[-1].float() * mask}
-
-
 def _epoch_eval(engine, ev, batch_size: int, collate, device) -> dict:
     """``{"eval/{label}/acc": [correct, n]}`` of the engine's model over this worker's shard."""
     import ray.train
