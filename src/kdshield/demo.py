@@ -16,7 +16,7 @@ from kdshield.trainables.runs import say
 
 DEMO_TRAIN_ROWS = 1600
 DEMO_TEST_ROWS = 500
-DEMO_BEDKD = {"n_c_dmm": 80, "n_c": 80, "n_p": 32, "dmm_epochs": 16, "akd_cycles": 8, "punish_passes": 5,
+DEMO_BEDKD = {"n_c_dmm": 80, "n_c": 80, "n_p": 32, "dmm_epochs": 12, "akd_cycles": 6, "punish_passes": 4,
               "max_length": 48}
 
 
