@@ -71,9 +71,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from kdshield.config import parse_assignments
-    from kdshield.datasets import build_corpus, read_table, write_table
-    from kdshield.demo import subset
-    from kdshield.trainables.attack import AttackJob, run_attack
+    from _cells import SCALING, backdoored_run, corpus_subset
     from kdshield.trainables.defend import DefendJob, run_defend
 
     budget = {**BUDGET, **parse_assignments(args.set)}
@@ -88,17 +86,10 @@ def main() -> None:
         (RESULTS / f"{args.tag}.md").write_text(render(rows, budget, args))
 
     for dataset in args.datasets:
-        corpus = work / dataset / "corpus"
-        build_corpus(dataset, corpus, seed=0)
-        data = work / dataset / "data"
-        write_table(subset(read_table(corpus / "train.parquet"), args.train_rows, 0), data / "train.parquet")
-        write_table(subset(read_table(corpus / "test.parquet"), args.test_rows, 0), data / "test.parquet")
+        data = corpus_subset(work, dataset, args.train_rows, args.test_rows)
         for attack in args.attacks:
             run = work / dataset / attack / "run"
-            metrics = run_attack(AttackJob(
-                train=str(data / "train.parquet"), test=str(data / "test.parquet"), model="minilm", out=str(run),
-                attack=attack, poison_rate=0.1, target_label=1, training={"epochs": args.epochs, "lr": 5e-5},
-                scaling={"workers": 1, "cpus_per_worker": 2}))
+            metrics = backdoored_run(data, run, attack, args.epochs)
             if (dataset, attack, "none") not in done:
                 rows.append({"dataset": dataset, "attack": attack, "method": "none", "CACC %": metrics["cacc"],
                              "ASR %": metrics["asr"], "seconds": metrics["seconds"]})
@@ -109,7 +100,7 @@ def main() -> None:
                 base, extra = VARIANTS.get(method, (method, {}))
                 m = run_defend(DefendJob(method=base, run=str(run), out=str(work / dataset / attack / method),
                                          overwrite=True, params={**budget, **extra},
-                                         scaling={"workers": 1, "cpus_per_worker": 2}))
+                                         scaling=SCALING))
                 rows.append({"dataset": dataset, "attack": attack, "method": method, "CACC %": m["cacc"],
                              "ASR %": m["asr"], "FAR %": m.get("far"), "FRR %": m.get("frr"),
                              "identified": m.get("n_identified"), "precision %": m.get("identified_precision"),

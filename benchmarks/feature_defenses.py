@@ -112,9 +112,7 @@ def main() -> None:
         args.datasets, args.attacks = args.datasets[:1], args.attacks[:1]
 
     from kdshield.config import parse_assignments
-    from kdshield.datasets import build_corpus, read_table, write_table
-    from kdshield.demo import subset
-    from kdshield.trainables.attack import AttackJob, run_attack
+    from _cells import SCALING, backdoored_run, corpus_subset
     from kdshield.trainables.defend import DefendJob, run_defend
 
     budget = {k: dict(v) for k, v in (SMOKE if args.smoke else BUDGET).items()}
@@ -134,19 +132,12 @@ def main() -> None:
                                      "rows": rows}, indent=2))
         (RESULTS / f"{tag}.md").write_text(render(rows, budget, args))
 
-    scaling = {"workers": 1, "cpus_per_worker": 2}
+    scaling = SCALING
     for dataset in args.datasets:
-        corpus = work / dataset / "corpus"
-        build_corpus(dataset, corpus, seed=0)
-        data = work / dataset / "data"
-        write_table(subset(read_table(corpus / "train.parquet"), args.train_rows, 0), data / "train.parquet")
-        write_table(subset(read_table(corpus / "test.parquet"), args.test_rows, 0), data / "test.parquet")
+        data = corpus_subset(work, dataset, args.train_rows, args.test_rows)
         for attack in args.attacks:
             run = work / dataset / attack / "run"
-            metrics = run_attack(AttackJob(
-                train=str(data / "train.parquet"), test=str(data / "test.parquet"), model="minilm", out=str(run),
-                attack=attack, poison_rate=0.1, target_label=1, training={"epochs": args.epochs, "lr": 5e-5},
-                scaling=scaling))
+            metrics = backdoored_run(data, run, attack, args.epochs)
             if (dataset, attack, "none") not in done:
                 rows.append(row(dataset, attack, "none", metrics))
                 save()

