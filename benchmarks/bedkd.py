@@ -71,7 +71,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from kdshield.config import parse_assignments
-    from _cells import SCALING, backdoored_run, corpus_subset
+    from _cells import SCALING, cell
     from kdshield.trainables.defend import DefendJob, run_defend
 
     budget = {**BUDGET, **parse_assignments(args.set)}
@@ -86,10 +86,9 @@ def main() -> None:
         (RESULTS / f"{args.tag}.md").write_text(render(rows, budget, args))
 
     for dataset in args.datasets:
-        data = corpus_subset(work, dataset, args.train_rows, args.test_rows)
         for attack in args.attacks:
-            run = work / dataset / attack / "run"
-            metrics = backdoored_run(data, run, attack, args.epochs)
+            run, metrics = cell(dataset, attack, train_rows=args.train_rows, test_rows=args.test_rows,
+                                epochs=args.epochs)
             if (dataset, attack, "none") not in done:
                 rows.append({"dataset": dataset, "attack": attack, "method": "none", "CACC %": metrics["cacc"],
                              "ASR %": metrics["asr"], "seconds": metrics["seconds"]})

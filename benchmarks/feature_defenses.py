@@ -112,7 +112,7 @@ def main() -> None:
         args.datasets, args.attacks = args.datasets[:1], args.attacks[:1]
 
     from kdshield.config import parse_assignments
-    from _cells import SCALING, backdoored_run, corpus_subset
+    from _cells import SCALING, cell
     from kdshield.trainables.defend import DefendJob, run_defend
 
     budget = {k: dict(v) for k, v in (SMOKE if args.smoke else BUDGET).items()}
@@ -134,10 +134,9 @@ def main() -> None:
 
     scaling = SCALING
     for dataset in args.datasets:
-        data = corpus_subset(work, dataset, args.train_rows, args.test_rows)
         for attack in args.attacks:
-            run = work / dataset / attack / "run"
-            metrics = backdoored_run(data, run, attack, args.epochs)
+            run, metrics = cell(dataset, attack, train_rows=args.train_rows, test_rows=args.test_rows,
+                                epochs=args.epochs)
             if (dataset, attack, "none") not in done:
                 rows.append(row(dataset, attack, "none", metrics))
                 save()
