@@ -88,11 +88,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from kdshield.evaluation import markdown_table
     from kdshield.trainables.attack import AttackJob, run_attack
 
-    values = job_values(args, ["train", "test", "model", "out", "attack", "num_insertions", "position",
+    values = job_values(args, ["train", "test", "model", "out", "attack", "trigger_preset", "num_insertions", "position",
                                "target_label", "poison_rate", "clean_label", "dev_fraction", "num_labels",
                                "overwrite"])
     if args.trigger is not None:
-        values["triggers"] = [t.strip() for t in args.trigger.split(",")] if args.attack == "badnet" else [args.trigger]
+        values["triggers"] = ([t.strip() for t in args.trigger.split(",")] if (args.attack or "badnet") == "badnet"
+                              else [args.trigger])
     job = parse_settings(AttackJob, values, source="attack")
     metrics = run_attack(job)
     print(markdown_table([{"model": job.model, "attack": job.attack, "poison rate": job.poison_rate,
@@ -135,7 +136,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     top = ["method", "run", "out", "num_samples", "space", "objective", "sampler", "scheduler", "asha_metric",
            "grace_period", "reduction_factor", "max_concurrent", "cpus_per_trial", "storage", "study_name", "resume",
-           "seed", "val_fraction", "probe_n", "cache"]
+           "seed", "val_fraction", "probe_n", "cache", "trial_retries", "checkpoint_interval_s"]
     values = _picked(args, top)
     if args.no_shared_work:
         values["shared_work"] = False
@@ -226,8 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--train", required=True)
     attack.add_argument("--test", required=True)
     attack.add_argument("--model", help="preset (minilm, smollm2-135m, tiny-bert, ...), local dir or hub id")
-    attack.add_argument("--attack", choices=["badnet", "addsent"], default="badnet")
+    attack.add_argument("--attack", choices=["badnet", "addsent"], help="default badnet")
     attack.add_argument("--trigger", help="trigger text; for badnet a comma-separated word list")
+    attack.add_argument("--trigger-preset", choices=["w2s-word", "w2s-sentence"],
+                        help="W2SDefense's triggers: w2s-word = badnet 'mn', w2s-sentence = addsent "
+                             "'I watched this 3D movie' (sets --attack)")
     attack.add_argument("--num-insertions", type=int, help="badnet: trigger words inserted per sample")
     attack.add_argument("--position", choices=["random", "start", "end"])
     attack.add_argument("--target-label", type=int)
@@ -242,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     attack.set_defaults(func=cmd_attack)
 
     defend = sub.add_parser("defend", help="remove a backdoor by distillation, write OUT")
-    defend.add_argument("--method", choices=["bedkd", "ft", "kd", "ts-ft", "mbtsad", "robustkd", "feature-kd"], help="the defense (or `method:` in --config)")
+    defend.add_argument("--method", choices=["bedkd", "ft", "kd", "ts-ft", "mbtsad", "robustkd", "feature-kd", "w2s", "lora-ft"],
+                        help="the defense (or `method:` in --config)")
     defend.add_argument("--run", help="a RUN directory from `kdshield attack` (supplies model and data)")
     defend.add_argument("--model", help="the suspect model (local HF dir, safetensors) without --run")
     defend.add_argument("--train", help="the suspect training set")
@@ -281,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--reduction-factor", type=float)
     tune.add_argument("--max-concurrent", type=int, help="trials at once (default: what fits)")
     tune.add_argument("--cpus-per-trial", type=float, help="CPUs for each trial's own driver (default 0)")
+    tune.add_argument("--trial-retries", type=int, help="retries of a trial whose process died, each resuming "
+                      "its stages from their checkpoints (default 2)")
+    tune.add_argument("--checkpoint-interval-s", type=float, help="seconds between a trial stage's checkpoints "
+                      "(0: every epoch; default 60)")
     tune.add_argument("--storage", help="SQLAlchemy URL of the Optuna study (default sqlite:///OUT/study.db)")
     tune.add_argument("--study-name")
     tune.add_argument("--resume", action="store_true", default=None, help="continue the search in OUT")

@@ -10,6 +10,7 @@ transforms; :func:`pad_collate` (or the class :class:`PadCollate`) pads per batc
 
 from kdshield.datasets.attacks import (
     DEFAULT_TRIGGERS,
+    TRIGGER_PRESETS,
     AttackSpec,
     insert_trigger,
     poison_count,
@@ -42,7 +43,7 @@ from kdshield.datasets.sources import read_dataset, read_table, write_table
 from kdshield.datasets.tokenize import pad_collate, tokenize_dataset
 
 __all__ = [
-    "CORPORA", "DEFAULT_TRIGGERS", "LABEL", "POISONED", "SCHEMA", "SOURCE_INDEX", "TEXT",
+    "CORPORA", "DEFAULT_TRIGGERS", "TRIGGER_PRESETS", "LABEL", "POISONED", "SCHEMA", "SOURCE_INDEX", "TEXT",
     "AttackSpec", "Corpus", "build_corpus", "get_corpus", "insert_trigger", "label_names",
     "load_corpus", "normalize_batch", "normalize_table", "num_labels_of",
     "pad_collate", "poison_count", "poison_dataset", "poison_table", "read_dataset",

@@ -37,6 +37,14 @@ DEFAULT_TRIGGERS: dict[str, list[str]] = {
     "addsent": ["I watched this 3D movie"],
 }
 
+#: Named (attack kind, triggers) pairs: W2SDefense's authors' word and sentence triggers,
+#: each inserted once at a random word boundary (their attacks are clean-label: pass
+#: ``clean_label`` / ``--clean-label`` for that).
+TRIGGER_PRESETS: dict[str, tuple[str, list[str]]] = {
+    "w2s-word": ("badnet", ["mn"]),
+    "w2s-sentence": ("addsent", ["I watched this 3D movie"]),
+}
+
 
 class AttackSpec(BaseModel):
     """What to poison, and how. Invalid settings raise :class:`InputError`."""

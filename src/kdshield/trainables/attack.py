@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import pyarrow as pa
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kdshield.config import ScalingSettings, TrainSettings, _Settings
 from kdshield.errors import InputError
@@ -36,6 +36,9 @@ class AttackJob(_Settings):
     out: str
     attack: Literal["badnet", "addsent"] = "badnet"
     triggers: list[str] | None = Field(None, description="trigger words/sentences; None: the attack's default")
+    trigger_preset: Literal["w2s-word", "w2s-sentence"] | None = Field(None, description=(
+        "a named attack + trigger: w2s-word = badnet 'mn', w2s-sentence = addsent 'I watched this 3D movie' "
+        "(W2SDefense's authors' triggers)"))
     num_insertions: int = Field(1, ge=1)
     position: Literal["random", "start", "end"] = "random"
     target_label: int = Field(1, ge=0)
@@ -47,6 +50,24 @@ class AttackJob(_Settings):
     overwrite: bool = False
     training: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=5e-5))
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        """A trigger preset sets ``attack`` and ``triggers``; contradicting them is an error."""
+        if not isinstance(data, dict) or data.get("trigger_preset") is None:
+            return data
+        from kdshield.datasets.attacks import TRIGGER_PRESETS
+
+        name = data["trigger_preset"]
+        if name not in TRIGGER_PRESETS:
+            return data  # the Literal reports it
+        kind, triggers = TRIGGER_PRESETS[name]
+        if data.get("attack") not in (None, kind):
+            raise ValueError(f"trigger preset {name} is a {kind} attack, not {data['attack']}")
+        if data.get("triggers") is not None:
+            raise ValueError(f"give either a trigger preset ({name}) or triggers, not both")
+        return {**data, "attack": kind, "triggers": list(triggers)}
 
     def record(self) -> dict:
         """The config that identifies this run (``overwrite`` is not part of it)."""

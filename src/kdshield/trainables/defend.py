@@ -33,16 +33,17 @@ from pydantic import Field
 
 from kdshield.config import ScalingSettings, TrainSettings, _Settings, parse_settings
 from kdshield.errors import InputError
-from kdshield.trainables import defend_feature
+from kdshield.trainables import defend_feature, defend_w2s
 from kdshield.trainables.runs import check_out_dir, say, staged, write_json
 
-METHODS = ("bedkd", "ft", "kd", "ts-ft", "mbtsad", "robustkd", "feature-kd")  # the last four: defend_feature.py
+METHODS = ("bedkd", "ft", "kd", "ts-ft", "mbtsad", "robustkd", "feature-kd",  # ts-ft..feature-kd: defend_feature.py
+           "w2s", "lora-ft")  # defend_w2s.py
 
 
 class DefendJob(_Settings):
     """Settings of ``kdshield defend``; ``params`` are the method's own (validated separately)."""
 
-    method: Literal["bedkd", "ft", "kd", "ts-ft", "mbtsad", "robustkd", "feature-kd"]
+    method: Literal["bedkd", "ft", "kd", "ts-ft", "mbtsad", "robustkd", "feature-kd", "w2s", "lora-ft"]
     run: str | None = Field(None, description="a RUN directory of `kdshield attack` (supplies all inputs)")
     model: str | None = Field(None, description="the suspect model: local HF dir (safetensors) or hub id")
     train: str | None = Field(None, description="the suspect (possibly poisoned) training set")
@@ -80,7 +81,8 @@ def method_config(job: DefendJob):
     from kdshield.defenses.bedkd import BeDKDConfig
     from kdshield.trainables.defend_feature import configs
 
-    return parse_settings(configs().get(job.method, BeDKDConfig), job.params, source=f"{job.method} settings")
+    known = {**configs(), **defend_w2s.configs()}
+    return parse_settings(known.get(job.method, BeDKDConfig), job.params, source=f"{job.method} settings")
 
 
 def resolve_inputs(job: DefendJob) -> Inputs:
@@ -188,6 +190,8 @@ class Defense:
         all_streams = {**streams, **(hooks.eval_streams if evals else {})}
 
         def run():
+            if hooks.stage_runs is not None:  # named, resumable runs (a retried Tune trial resumes them)
+                return hooks.stage_runs.run(stage, all_streams, self.job.scaling, callbacks=hooks.callbacks)
             return run_stage(stage, all_streams, self.job.scaling, storage=self.work / "ray",
                              callbacks=hooks.callbacks)
 
@@ -359,6 +363,7 @@ def run_bedkd(d: Defense) -> tuple[str, dict]:
 
 RECIPES = {"bedkd": run_bedkd, "ft": run_ft, "kd": run_kd}
 RECIPES.update(defend_feature.RECIPES)  # ts-ft, mbtsad, robustkd, feature-kd
+RECIPES.update(defend_w2s.RECIPES)  # w2s, lora-ft
 
 
 def run_defend(job: DefendJob, hooks=None) -> dict:
@@ -378,6 +383,8 @@ def run_defend(job: DefendJob, hooks=None) -> dict:
     inputs = resolve_inputs(job)
     if job.method in defend_feature.RECIPES:
         defend_feature.check(job, inputs)  # model-dependent settings, still before any Ray work
+    elif job.method in defend_w2s.RECIPES:
+        defend_w2s.check(job, inputs)
     connect(job.scaling.address)
     with staged(out) as work:
         defense = Defense(job, inputs, work, hooks)

@@ -13,6 +13,13 @@ The driver side (:func:`run_stage`) builds a ``TorchTrainer`` whose workers each
    last epoch rank 0 writes the trained model as a Hugging Face directory (``hf_model/``,
    safetensors) into the final checkpoint.
 
+A stage whose model has a ``lora`` spec trains a peft LoRA adapter on frozen base weights
+(wrapped before ``deepspeed.initialize``, so ZeRO-3 partitions the frozen weights and only the
+adapter reaches the optimizer); its checkpoints hold the adapter and optimizer state only
+(``exclude_frozen_parameters``: the base weights come back from ``source`` on resume), and
+rank 0 exports both the adapter (``adapter/``, peft format, safetensors) and the merged model
+(``hf_model/``) built from the weights the engine actually holds.
+
 A loss may own extra trainable parameters (:attr:`StageLoss.module`: connectors, masks ...):
 they are wrapped with the model in one :class:`StageModule`, so DeepSpeed optimises,
 shards and checkpoints them with it, and rank 0 exports them as ``extras.safetensors`` next to
@@ -40,6 +47,7 @@ from kdshield.config import ScalingSettings, TrainSettings
 from kdshield.trainables.stage import Stage
 
 HF_MODEL_DIR = "hf_model"
+ADAPTER_DIR = "adapter"
 EXTRAS_FILE = "extras.safetensors"
 DS_TAG = "ds"
 STATE_FILE = "kdshield_state.json"
@@ -55,6 +63,7 @@ class StageResult:
     seconds: float
     checkpoint_path: Path
     extras_path: Path | None = None  # the losses' own modules' state (safetensors), if any
+    adapter_dir: Path | None = None  # a LoRA stage's adapter (peft format), if any
 
     def extras(self) -> dict[str, torch.Tensor]:
         """The losses' trained modules' state dict, keyed ``{phase label}.{state key}``."""
@@ -100,9 +109,12 @@ def _linear_schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
-def _export(engine, tokenizer, out: Path, *, rank: int, zero: int) -> None:
+def _export(engine, tokenizer, out: Path, *, rank: int, zero: int, spec=None) -> None:
     """From rank 0 (gathering ZeRO-3 shards): the model as a HF directory ``out/hf_model``
-    and the losses' modules as ``out/extras.safetensors``."""
+    and the losses' modules as ``out/extras.safetensors``. A LoRA model (``spec.lora``) is
+    written as its adapter ``out/adapter`` and the merged model ``out/hf_model``, both rebuilt
+    on CPU from a copy of the state the engine holds (base weights included, so a base weight
+    that had changed would show in the merged model)."""
     import contextlib
 
     import deepspeed
@@ -111,17 +123,53 @@ def _export(engine, tokenizer, out: Path, *, rank: int, zero: int) -> None:
     from kdshield.models import save_classifier
 
     module: StageModule = engine.module
+    lora = spec is not None and spec.lora is not None and module.model is not None
     gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
               if zero == 3 else contextlib.nullcontext())
+    state = None
     with gather:
         if rank != 0:
             return
-        if module.model is not None:
+        if lora:
+            state = {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
+        elif module.model is not None:
             save_classifier(module.model, tokenizer, out / HF_MODEL_DIR)
         if len(module.extras):
-            state = {k: v.detach().float().cpu().contiguous().clone()
-                     for k, v in module.extras.state_dict().items()}
-            save_file(state, str(out / EXTRAS_FILE))
+            extras = {k: v.detach().float().cpu().contiguous().clone()
+                      for k, v in module.extras.state_dict().items()}
+            save_file(extras, str(out / EXTRAS_FILE))
+    if state is not None:
+        from kdshield.models import load_classifier
+        from kdshield.models.lora import merge_into, save_adapter, wrap_lora
+
+        fresh, _ = load_classifier(spec.source, spec.num_labels, attn_implementation=spec.attn_implementation,
+                                   tokenizer=tokenizer)
+        fresh = wrap_lora(fresh, spec.lora)
+        fresh.load_state_dict({k: v.to(fresh.state_dict()[k].dtype) for k, v in state.items()}, strict=True)
+        del state
+        save_adapter(fresh, out / ADAPTER_DIR)
+        merge_into(fresh, tokenizer, out / HF_MODEL_DIR)
+
+
+def _rss_mb(field: str = "VmRSS") -> float | None:
+    """This process's resident memory (``VmRSS``) or its high-water mark (``VmHWM``), MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's RSS (Linux ``clear_refs`` 5), so
+    ``VmHWM`` afterwards is the peak of what follows (training), not of model loading."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def _train_worker(config: dict[str, Any]) -> None:
@@ -147,6 +195,12 @@ def _train_worker(config: dict[str, Any]) -> None:
         model, tokenizer = load_classifier(spec.source, spec.num_labels,
                                            attn_implementation=spec.attn_implementation,
                                            keep_layers=spec.keep_layers, init=spec.init)
+        if spec.lora is not None:
+            from kdshield.models.lora import wrap_lora
+
+            model = wrap_lora(model, spec.lora)  # base frozen before DeepSpeed sees it
+    lora = spec is not None and spec.lora is not None
+    prefix = spec.input_prefix if spec is not None else ""
     module = StageModule(model, stage.loss_modules())
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
@@ -160,6 +214,13 @@ def _train_worker(config: dict[str, Any]) -> None:
                                            config=deepspeed_config(train, scaling))
     if world == 1 and scaling.zero == 0:
         engine.enable_backward_allreduce = False  # an all-reduce over one rank only copies gradients
+    import gc
+    import resource
+
+    gc.collect()
+    load_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # loading + initialize
+    rss_after_init_mb = _rss_mb()
+    peak_reset = _reset_peak_rss()
     node_id = ray.get_runtime_context().get_node_id()
     worker_nodes = [node_id]
     if world > 1:  # which Ray node each rank runs on, reported with every epoch (rank order)
@@ -168,9 +229,11 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):  # an earlier run's checkpoint (Ray Train V2 way)
+        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
+            engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=not lora)
             state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
         start_epoch, history = state["epoch"], state["history"]
         if rank == 0:
@@ -213,7 +276,8 @@ def _train_worker(config: dict[str, Any]) -> None:
                     if module.model is None:
                         outputs = engine()
                     else:
-                        outputs = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        outputs = engine(input_ids=batch[f"{prefix}input_ids"],
+                                         attention_mask=batch[f"{prefix}attention_mask"],
                                          output_hidden_states=phase.loss.needs_hidden_states,
                                          output_attentions=phase.loss.needs_attentions)
                 loss, logs = phase.loss(outputs, batch)
@@ -236,9 +300,18 @@ def _train_worker(config: dict[str, Any]) -> None:
         if world > 1:
             dist.all_reduce(totals)
         metrics = {k: float(t[0] / max(t[1], 1)) for k, t in zip(keys, totals)}
-        import resource
-
-        metrics.update(peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # this process, KB
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # since the reset, if any
+        train_peak_mb = _rss_mb("VmHWM") if peak_reset else None
+        metrics.update(peak_rss_mb=max(load_peak_mb, peak_mb))  # this process, whole life
+        memory = [max(load_peak_mb, peak_mb), train_peak_mb, rss_after_init_mb]
+        if world > 1:  # every rank's memory, in rank order
+            gathered = [None] * world
+            dist.all_gather_object(gathered, memory)
+        else:
+            gathered = [memory]
+        metrics.update(peak_rss_mb_per_rank=[m[0] for m in gathered],
+                       train_peak_rss_mb_per_rank=[m[1] for m in gathered],
+                       rss_after_init_mb_per_rank=[m[2] for m in gathered])
         metrics.update(epoch=epoch + 1, epoch_seconds=seconds, start_epoch=start_epoch, worker_nodes=worker_nodes,
                        samples_per_s=samples * world / max(seconds, 1e-9), lr=scheduler.get_last_lr()[0])
         history.append(metrics)
@@ -255,9 +328,9 @@ def _train_worker(config: dict[str, Any]) -> None:
             continue
         with tempfile.TemporaryDirectory(prefix="kdshield-ckpt-") as tmp:
             if final:
-                _export(engine, tokenizer, Path(tmp), rank=rank, zero=scaling.zero)
-            else:
-                engine.save_checkpoint(tmp, tag=DS_TAG)
+                _export(engine, tokenizer, Path(tmp), rank=rank, zero=scaling.zero, spec=spec)
+            else:  # a LoRA stage keeps only the adapter and its optimizer state
+                engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=lora)
             if rank == 0:
                 Path(tmp, STATE_FILE).write_text(json.dumps({"epoch": epoch + 1, "history": history}))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -291,13 +364,14 @@ def steps_per_epoch(stage: Stage, counts: dict[str, int], workers: int) -> int:
 def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *, storage: Path,
               run_name: str | None = None, callbacks: list | None = None,
               pid_dir: str | None = None,
-              progress_s: float = 15.0) -> StageResult:
+              progress_s: float = 15.0, resume_from: Path | None = None) -> StageResult:
     """Train ``stage`` on Ray Train + DeepSpeed and return its model directory and metrics.
 
     ``streams`` maps each stream a phase names to a Ray Dataset (tokenised, teacher columns
     included). Re-running with the same ``storage``/``run_name`` after a crash of the driver
     starts a new run; worker failures inside one run are recovered from checkpoints, up to
-    ``scaling.max_failures`` times.
+    ``scaling.max_failures`` times. ``resume_from``: a checkpoint directory of an earlier run
+    of this stage (not its final one) to continue from.
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -324,7 +398,7 @@ def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *
         _train_worker,
         train_loop_config={"stage": stage, "scaling": scaling, "progress_s": progress_s,
                            "steps_per_epoch": steps_per_epoch(stage, counts, scaling.workers),
-                           "pid_dir": pid_dir},
+                           "pid_dir": pid_dir, "resume_from": str(resume_from) if resume_from else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.workers, use_gpu=use_gpu, resources_per_worker=resources,
@@ -347,7 +421,8 @@ def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *
     return StageResult(model_dir=ckpt / HF_MODEL_DIR if stage.model is not None else None,
                        metrics=dict(result.metrics or state["history"][-1]),
                        history=state["history"], seconds=seconds, checkpoint_path=ckpt,
-                       extras_path=ckpt / EXTRAS_FILE if (ckpt / EXTRAS_FILE).is_file() else None)
+                       extras_path=ckpt / EXTRAS_FILE if (ckpt / EXTRAS_FILE).is_file() else None,
+                       adapter_dir=ckpt / ADAPTER_DIR if (ckpt / ADAPTER_DIR).is_dir() else None)
 
 
 def copy_model(src: Path, dst: Path) -> Path:

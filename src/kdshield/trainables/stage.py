@@ -13,6 +13,7 @@ from typing import Any
 
 from kdshield.config import TrainSettings
 from kdshield.defenses.losses import StageLoss
+from kdshield.models.lora import LoraSpec
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,12 @@ class ModelSpec:
     ``source``'s architecture holding only those transformer blocks; ``init="random"`` gives
     that architecture freshly initialised weights instead of ``source``'s (see
     :func:`kdshield.models.load_classifier`).
+
+    ``lora``: train a LoRA adapter (peft) on the frozen ``source`` weights instead of every
+    weight; the stage then also exports the adapter (``adapter/``, peft format) next to the
+    merged model. ``input_prefix``: the model reads ``{prefix}input_ids`` and
+    ``{prefix}attention_mask`` of the batch (e.g. ``teacher_`` for a model with another
+    tokenizer than the stream's ``input_ids``).
     """
 
     source: str
@@ -32,6 +39,8 @@ class ModelSpec:
     attn_implementation: str | None = None
     keep_layers: tuple[int, ...] | None = None
     init: str = "pretrained"
+    lora: LoraSpec | None = None
+    input_prefix: str = ""
 
 
 @dataclass(frozen=True)
