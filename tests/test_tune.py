@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -162,6 +163,8 @@ def no_ray(monkeypatch):
     (["--cpus-per-worker", "1000"], "no node has that much"),
     (["--cpus-per-trial", "1000"], "no autoscaler"),
     (["--storage", "not a url"], "not a SQLAlchemy URL"),
+    (["--trial-retries", "-1"], "trial_retries=-1"),
+    (["--checkpoint-interval-s", "-1"], "checkpoint_interval_s=-1"),
 ])
 def test_tune_refuses_impossible_requests_before_ray(tiny_run, tmp_path, capsys, no_ray, extra, expected):
     space = _space(tmp_path, BEDKD_SPACE)
@@ -296,6 +299,111 @@ def test_search_killed_and_resumed_shares_the_dmm_and_reports(tiny_run, tmp_path
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again["cacc"] == pytest.approx(after[best_id]["report"]["cacc"])
     assert again["asr"] == pytest.approx(after[best_id]["report"]["asr"])
+
+
+# ----------------------------------------------------------------------------- a trial killed
+
+RETRY_SPACE = {"method": "ft", "params": {"akd_lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}},
+               "fixed": {"n_c": 8, "akd_cycles": 8, "batch_size": 8, "max_length": 16}}
+
+
+def _checkpoints_of(trial_dir: Path) -> int:
+    """Checkpoints Ray Train has registered for the trial's stage run (its snapshot), 0 if none yet."""
+    from kdshield.trainables.stage_runs import SNAPSHOT
+
+    for snapshot in (trial_dir / "ray").glob(f"*/{SNAPSHOT}"):
+        try:
+            return len(json.loads(snapshot.read_text())["checkpoint_results"])
+        except (OSError, ValueError, KeyError):  # being written
+            return 0
+    return 0
+
+
+def _trial_process(trial_dir: Path) -> int | None:
+    """The pid of the Tune actor running the trial (its runs.jsonl), if it is a live Ray worker."""
+    try:
+        pid = json.loads((trial_dir / "runs.jsonl").read_text().splitlines()[-1])["pid"]
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
+    return pid if cmdline.startswith(b"ray::") else None
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_killed_trial_is_retried_from_its_checkpoint_and_nothing_else_restarts(tiny_run, tmp_path, ray_local, capsys):
+    """SIGKILL the process of one of two concurrent trials once its stage has a checkpoint: Tune
+    retries that trial only, its stage resumes from the checkpoint, and no result is lost or doubled."""
+    import ray.tune
+    from kdshield.trainables.stage_runs import read_attempts
+
+    out = tmp_path / "retry"
+    args = ["tune", "--method", "ft", "--run", str(tiny_run), "--space", _space(tmp_path, RETRY_SPACE),
+            "--num-samples", "2", "--max-concurrent", "2", "--scheduler", "none", "--trial-retries", "1",
+            "--checkpoint-interval-s", "0", "--probe-n", "4", "--probe-set", "dmm_epochs=1", "--probe-set",
+            "n_c_dmm=4", "--val-fraction", "0.25", "--seed", "5", "--out", str(out)]
+    killed: dict = {}
+    done = threading.Event()
+
+    def killer():
+        while not done.is_set() and not killed:
+            for trial_dir in sorted((out / "trials").glob("*")):
+                pid = _trial_process(trial_dir)
+                if pid and _checkpoints_of(trial_dir) >= 1 and not (trial_dir / "result.json").exists():
+                    os.kill(pid, signal.SIGKILL)
+                    killed.update(trial=trial_dir.name, pid=pid)
+                    break
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        assert main(args) == 0
+    finally:
+        done.set()
+        thread.join(timeout=5)
+    assert killed, "no trial was killed"
+    results = _results(out)
+    assert len(results) == 2 and killed["trial"] in results  # both trials finished, the killed one too
+    assert json.loads((out / "summary.json").read_text())["finished_trials"] == 2
+    import optuna
+
+    study = optuna.load_study(study_name="kdshield-ft", storage=f"sqlite:///{out / 'study.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+
+    victim = out / "trials" / killed["trial"]
+    (other,) = [out / "trials" / t for t in results if t != killed["trial"]]
+    # Tune retried the killed trial (in a new process) and nothing else
+    failures = {t.trial_id: t.run_metadata.num_failures for t in ray.tune.ExperimentAnalysis(str(out / "tune")).trials}
+    assert failures == {victim.name: 1, other.name: 0}
+    assert _events(victim / "runs.jsonl") == ["trained", "retried"]
+    assert _events(other / "runs.jsonl") == ["trained"]
+    pids = [json.loads(line)["pid"] for line in (victim / "runs.jsonl").read_text().splitlines()]
+    assert pids[0] == killed["pid"] != pids[1]
+
+    # the retry re-attached to the same Ray Train run and resumed it from a checkpoint
+    first, second = read_attempts(victim / "stage_runs.jsonl")
+    assert first["run"] == second["run"] and first["checkpoint"] is None and second["checkpoint"]
+    assert [a["checkpoint"] for a in read_attempts(other / "stage_runs.jsonl")] == [None]
+    history = json.loads((victim / "defend" / "metrics.json").read_text())["history"]["ft"]
+    assert [h["epoch"] for h in history] == list(range(1, 9))
+    resumed_at = history[-1]["start_epoch"]
+    assert resumed_at >= 1  # the engine's last attempt started from a checkpoint, not epoch 0
+    assert [h["start_epoch"] for h in history] == [0] * resumed_at + [resumed_at] * (8 - resumed_at)
+    assert {h["start_epoch"] for h in json.loads((other / "defend" / "metrics.json").read_text())
+            ["history"]["ft"]} == {0}
+
+    # what Tune recorded: no epoch twice, training_iteration never restarts, the final result last
+    for trial_dir in (victim, other):
+        progress = next((out / "tune").glob(f"*{trial_dir.name}*/result.json"))
+        reports = [json.loads(line) for line in progress.read_text().splitlines()]
+        its = [r["training_iteration"] for r in reports]
+        assert its == sorted(set(its)), its
+        epochs = [r["epoch"] for r in reports if not r["final"]]
+        assert epochs == sorted(set(epochs)) and set(epochs) <= set(range(1, 9))
+        assert reports[-1]["final"] == 1 and reports[-1]["defender_score"] == results[trial_dir.name]["report"][
+            "defender_score"]
+        assert not (trial_dir / "ray").exists() and not list(trial_dir.glob(".defend.partial-*"))
 
 
 # ----------------------------------------------------------------------------- PostgreSQL

@@ -24,3 +24,7 @@ class DefenseHooks:
     """Tokenised streams evaluated after every epoch (``Stage.evals``) of ``eval_stages``."""
     eval_stages: tuple[str, ...] = ()
     """Names of the stages that get ``eval_streams`` (those training the defended model)."""
+    stage_runs: Any = None
+    """A :class:`~kdshield.trainables.stage_runs.StageRuns`: stages run under fixed names outside
+    the job's staging directory, so a job re-run after its process died resumes them from their
+    checkpoints (a retried Tune trial). None: fresh runs in the staging directory."""

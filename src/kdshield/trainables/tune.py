@@ -28,6 +28,18 @@ Shape of a search (OUT is ``--out``):
   storage, a new Tuner continues the study (its sampler sees every finished trial) for the
   remaining samples. A trial writes ``OUT/trials/<id>/result.json`` when it finishes, and a
   trial that Tune re-launches after a crash finds it and reports it without training again.
+- **Trial retries**: a trial whose process dies (a killed or OOM-killed Tune actor, its node
+  lost) is retried by Tune up to ``--trial-retries`` times (``FailureConfig(max_failures)``);
+  no other trial restarts. The retry resumes, not restarts: every stage of a trial is a Ray
+  Train run under ``OUT/trials/<id>/ray`` with a name fixed per trial and stage
+  (:class:`~kdshield.trainables.stage_runs.StageRuns`), so the retried trial re-attaches to
+  it and Ray Train resumes it from its latest checkpoint (``--checkpoint-interval-s`` sets how
+  often stages checkpoint); finished stages come from the stage cache. What a trial reported
+  to Tune is kept in ``OUT/trials/<id>/reports.jsonl``: a retry does not report an epoch again
+  and continues ``training_iteration`` where the trial was, so Tune's record of a trial has
+  no duplicates and ASHA's clock does not restart (an epoch report still in flight when the
+  process died may be missing from it). ``stage_runs.jsonl`` records every stage attempt and
+  the checkpoint it started from.
 """
 
 from __future__ import annotations
@@ -67,6 +79,11 @@ class TuneJob(_Settings):
     objective: Literal["defender", "asr", "cacc", "asr+cacc"] = "defender"
     sampler: Literal["tpe", "nsga2", "random"] | None = Field(
         None, description="default: tpe for one objective, nsga2 for asr+cacc")
+    trial_retries: int = Field(2, ge=0, description="times Tune retries a trial whose process died "
+                                                     "(each retry resumes the trial's stages from their checkpoints)")
+    checkpoint_interval_s: float | None = Field(
+        None, ge=0, description="trials' stages checkpoint when this long has passed since the last checkpoint "
+                                "(0: every epoch; default: the engine's 60 s)")
     scheduler: Literal["asha", "none"] = "asha"
     asha_metric: Literal["defender_score", "asr", "cacc"] = "defender_score"
     grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial can be stopped")
@@ -190,19 +207,60 @@ def _check_out(job: TuneJob, identity: dict) -> str:
 
 # ----------------------------------------------------------------------------- trials
 
+REPORTS = "reports.jsonl"  # in a trial's directory: what it reported to Tune, over all its attempts
+
+
+def _reports(trial_dir: Path) -> list[dict[str, Any]]:
+    path = trial_dir / REPORTS
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line cut short when the process died
+            pass
+    return rows
+
+
+def _iteration(trial_dir: Path, key: str) -> tuple[int, bool]:
+    """The ``training_iteration`` of the report ``key`` (``{run}/{epoch}`` or ``final``) and whether
+    it is new; a new one is recorded. Iterations continue over every attempt of the trial."""
+    rows = _reports(trial_dir)
+    for row in rows:
+        if row.get("key") == key:
+            return int(row["iteration"]), False
+    iteration = max((int(r["iteration"]) for r in rows), default=0) + 1
+    path = trial_dir / REPORTS
+    torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as f:
+        f.write(("\n" if torn else "") + json.dumps({"key": key, "iteration": iteration, "time": time.time()}) + "\n")
+    return iteration, True
+
+
 def _reporter_class():
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class TrialReporter(TuneReportCallback):
         """Forwards to Tune only the epoch reports that carry per-epoch evaluation metrics,
-        turned into the search's metric names (``defender_score``, ``cacc``, ``asr``)."""
+        turned into the search's metric names (``defender_score``, ``cacc``, ``asr``), each
+        once per trial: an epoch an earlier attempt of the trial reported is not sent again,
+        and ``training_iteration`` continues over attempts (see ``REPORTS``). Runs in the Ray
+        Train controller, on the trial's node."""
+
+        def __init__(self, trial_dir: str):
+            super().__init__()
+            self._trial_dir = trial_dir
 
         def after_report(self, run_context, metrics, checkpoint):
             from kdshield.trainables.objective import from_eval_metrics
 
             est = from_eval_metrics(metrics[0])
-            if est is not None:
-                self._training_actor_item_queue.put({**est, "epoch": metrics[0].get("epoch"), "final": 0})
+            if est is None:
+                return
+            epoch = metrics[0].get("epoch")
+            iteration, new = _iteration(Path(self._trial_dir), f"{run_context.run_config.name}/{epoch}")
+            if new:
+                self._training_actor_item_queue.put({**est, "epoch": epoch, "final": 0,
+                                                     "training_iteration": iteration})
 
     return TrialReporter
 
@@ -221,6 +279,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from kdshield.trainables.hooks import DefenseHooks
     from kdshield.trainables.objective import eval_tables, final_scores, from_eval_metrics
     from kdshield.trainables.stage_cache import StageCache
+    from kdshield.trainables.stage_runs import StageRuns
 
     t0 = time.perf_counter()
     space, out = ctx["space"], Path(ctx["out"])
@@ -250,9 +309,17 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     cache = StageCache(ctx["cache"]) if ctx["cache"] else None
     streams = {name: tokenized_stream(t, model_dir, config_obj.max_length) for name, t in tables.items()
                if t.num_rows >= job.scaling.workers}
-    hooks = DefenseHooks(cache=cache, callbacks=[_reporter_class()()], eval_streams=streams,
-                         eval_stages=tuple(ctx["final_stages"]))
-    _log_run(trial_dir, "defend-reused" if (trial_dir / "defend" / "metrics.json").is_file() else "trained")
+    # the stages run as Ray Train runs named per trial and stage under trial_dir/ray: a retry of
+    # this trial (its process died) resumes them from their checkpoints
+    runs = StageRuns(trial_dir / "ray", cache=cache, checkpoint_interval_s=ctx.get("checkpoint_interval_s"),
+                     log=trial_dir / "stage_runs.jsonl")
+    hooks = DefenseHooks(cache=cache, callbacks=[_reporter_class()(str(trial_dir))], eval_streams=streams,
+                         eval_stages=tuple(ctx["final_stages"]), stage_runs=runs)
+    for stale in [*trial_dir.glob(".defend.partial-*"), *trial_dir.glob(".defend.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # staging directories of attempts that died
+    earlier = {"trained", "retried"} & set(_run_events(trial_dir))
+    _log_run(trial_dir, "defend-reused" if (trial_dir / "defend" / "metrics.json").is_file()
+             else "retried" if earlier else "trained")
     metrics = run_defend(job, hooks)
     last = {}
     for stage in ctx["final_stages"]:
@@ -268,7 +335,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                             cpus=job.scaling.cpus_per_worker)
     report = {"cacc": metrics["cacc"], "defender_score": last.get("defender_score", float("nan")),
               "val_cacc": last.get("cacc", float("nan")), "final": 1,
-              "trial_seconds": time.perf_counter() - t0}
+              "trial_seconds": time.perf_counter() - t0, "training_iteration": _iteration(trial_dir, "final")[0]}
     if "asr" in metrics:
         report["asr"] = metrics["asr"]
     for key in ("far", "frr", "n_identified", "gamma"):
@@ -283,11 +350,23 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                                                "report": report, "method": space.method,
                                                "cache": metrics.get("cache")})
     os.replace(trial_dir / "result.json.tmp", trial_dir / "result.json")
+    shutil.rmtree(trial_dir / "ray", ignore_errors=True)  # the stages' Ray Train runs: no retry needs them now
     ray.tune.report({**report, "reused": 0})
 
 
 def _num_labels(run: str) -> int:
     return int(json.loads((Path(run) / "attack.json").read_text())["num_labels"])
+
+
+def _run_events(trial_dir: Path) -> list[str]:
+    path = trial_dir / "runs.jsonl"
+    events = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            events.append(json.loads(line)["event"])
+        except (ValueError, KeyError):
+            pass
+    return events
 
 
 def _log_run(trial_dir: Path, what: str) -> None:
@@ -329,12 +408,13 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
     needed = sorted(set(metrics) | ({job.asha_metric} if job.scheduler == "asha" else set()))
     ctx = {"space": space, "out": str(out), "run": str(Path(job.run).resolve()),
            "scaling": job.scaling.model_dump(), "cache": _cache_dir(job) if job.shared_work else None,
-           "final_stages": list(space.info.final_stages), "metrics": needed}
+           "final_stages": list(space.info.final_stages), "metrics": needed,
+           "checkpoint_interval_s": job.checkpoint_interval_s}
     # A trial's own driver needs next to nothing (Ray Train's controller reserves 0 CPUs); Tune
     # refuses an all-zero request, so a zero-CPU trial asks for 1 MiB of memory instead.
     request = {"CPU": job.cpus_per_trial} if job.cpus_per_trial > 0 else {"CPU": 0, "memory": 2 ** 20}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), request)
-    if mode == "restore":
+    if mode == "restore":  # Tune keeps the experiment's own RunConfig (its FailureConfig included)
         return tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
     storage = optuna.storages.RDBStorage(job.storage_url())
@@ -353,7 +433,7 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
                                     num_samples=max(1, job.num_samples - completed),
                                     max_concurrent_trials=concurrent, reuse_actors=False),
         run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1,
-                                      failure_config=ray.tune.FailureConfig(max_failures=0)))
+                                      failure_config=ray.tune.FailureConfig(max_failures=job.trial_retries)))
 
 
 def study_trials(url: str, name: str) -> list:
