@@ -23,27 +23,61 @@ RESULTS = HERE / "results"
 MB = 2**20
 
 
-def predict(config, lora_params: int, *, batch: int, length: int, zero: int, workers: int, bytes_per: int = 4) -> dict:
+def predict(config, lora_params: int, *, batch: int, length: int, zero: int, workers: int, bytes_per: int = 4,
+            max_live: float = 1e9) -> dict:
     """The arithmetic of docs/w2s_memory.md for one worker, MB (fp32 on CPU: bytes_per 4).
 
-    Frozen base: ``P_base b``, divided by the workers under ZeRO-3. LoRA (``P`` trainable): the
-    parameters ``P b`` (/w at ZeRO-3), their gradients ``P b`` (/w from ZeRO-2), DeepSpeed's fp32
-    master partition ``4 P / w`` (ZeRO >= 1) and AdamW's two moments ``8 P`` (/w from ZeRO-1).
-    Activations kept for backward: ``tokens * layers * (7 H + 2 H_kv + 4 I + 2 H) * b`` (per block
-    with sdpa attention: norm inputs/outputs, q, k, v, attention output, o_proj input, residual,
-    gate, up, act(gate), act(gate) * up, and LoRA's dropout outputs on q and v)."""
+    Frozen base ``P_base b``, divided by the workers under ZeRO-3, where up to
+    ``min(P_base, stage3_max_live_parameters)`` gathered parameters (DeepSpeed's default 1e9)
+    may be alive at once on top of the partitions. LoRA (``P`` trainable): the parameters ``P b``
+    (/w at ZeRO-3), their gradients ``P b`` (/w from ZeRO-2), DeepSpeed's fp32 master partition
+    ``4 P / w`` (ZeRO >= 1) and AdamW's two moments ``8 P`` (/w from ZeRO-1). Activations kept for
+    backward: ``tokens * layers * (12 H + 3 H_kv + 4 I + heads S) * b`` per block (norm inputs and
+    normalised outputs, q, k, v before and after RoPE, k and v repeated to every head, the
+    attention output, o_proj's input, the residual, gate, up, act(gate), act(gate) * up, LoRA's
+    dropout outputs on q and v, and the attention probabilities when SDPA falls back to the math
+    kernel, as it does on CPU with a padding mask)."""
     h, i, n = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    kv = h // config.num_attention_heads * config.num_key_value_heads
+    heads = config.num_attention_heads
+    kv = h // heads * config.num_key_value_heads
     vocab = config.vocab_size
-    base = (vocab * h + n * (h * h * 2 + 2 * h * kv + 3 * h * i + 2 * h) + h) * bytes_per
+    params = vocab * h + n * (h * h * 2 + 2 * h * kv + 3 * h * i + 2 * h) + h
+    base = params * bytes_per
     w = workers
     p = lora_params
-    base_w = base / w if zero == 3 else base
+    base_w = base / w + min(params, max_live) * bytes_per if zero == 3 else base
     lora_w = (p * bytes_per / (w if zero == 3 else 1) + p * bytes_per / (w if zero >= 2 else 1)
               + (4 * p / w if zero >= 1 else 0) + 8 * p / (w if zero >= 1 else 1))
-    acts = batch * length * n * (7 * h + 2 * kv + 4 * i + 2 * h) * bytes_per
+    acts = batch * length * n * (12 * h + 3 * kv + 4 * i + heads * length) * bytes_per
     return {"base_mb": base_w / MB, "lora_mb": lora_w / MB, "activations_mb": acts / MB,
             "total_mb": (base_w + lora_w + acts) / MB}
+
+
+COLS = ["ZeRO", "workers", "RSS after init MB (per rank)", "train peak MB (per rank)", "process peak MB (per rank)",
+        "predicted weights MB", "predicted LoRA+optim MB", "predicted activations MB", "samples/s", "seconds"]
+
+
+def render(meta: dict, rows: list[dict], config) -> str:
+    """The Markdown table; predicted columns recomputed from ``predict`` (``--render-only``)."""
+    from kdshield.evaluation import markdown_table
+
+    for r in rows:
+        pred = predict(config, meta["lora"]["trainable_params"], batch=meta["batch_size"], length=meta["length"],
+                       zero=r["ZeRO"], workers=r["workers"])
+        r.update({"predicted weights MB": round(pred["base_mb"]), "predicted LoRA+optim MB": round(pred["lora_mb"], 1),
+                  "predicted activations MB": round(pred["activations_mb"]), "predicted": pred})
+        r.pop("predicted base MB", None)
+    lora = meta["lora"]
+    return (f"# W2SDefense student stage: memory per worker, ZeRO 0 / 2 / 3 ({rows[0]['workers']} workers)\n\n"
+            f"`python benchmarks/w2s_memory.py` — {meta['model']} with LoRA r={lora['r']} on "
+            f"{', '.join(lora['target_modules'])} (+ head): {lora['trainable_params']:,} trainable parameters; "
+            f"micro-batch {meta['batch_size']} x {meta['length']} tokens; fp32 on CPU (DS_ACCELERATOR=cpu, gloo), "
+            "1 CPU per worker, DeepSpeed's default ZeRO-3 settings. `RSS after init`: resident memory right after "
+            "deepspeed.initialize; `train peak`: the RSS high-water mark of the training steps only (reset after "
+            "initialize); `process peak`: the whole process, model loading included. Predicted columns (MiB): "
+            "the arithmetic of docs/w2s_memory.md (weights: the frozen base, at ZeRO-3 its partition plus the "
+            "gathered parameters DeepSpeed may keep alive). `samples/s`, `seconds`: on a shared, overloaded "
+            "2-core machine, not comparable between rows.\n\n" + markdown_table(rows, COLS) + "\n")
 
 
 def main() -> None:
@@ -55,7 +89,18 @@ def main() -> None:
     ap.add_argument("--zeros", nargs="+", type=int, default=[0, 2, 3])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tag", default="w2s_memory")
+    ap.add_argument("--render-only", action="store_true", help="re-render the table from the JSON results")
     args = ap.parse_args()
+    if args.render_only:
+        from kdshield.models import load_config, resolve_model
+
+        data = json.loads((RESULTS / f"{args.tag}.json").read_text())
+        rows = data.pop("rows")
+        md = render(data, rows, load_config(resolve_model(data["model"])))
+        (RESULTS / f"{args.tag}.json").write_text(json.dumps({**data, "rows": rows}, indent=2))
+        (RESULTS / f"{args.tag}.md").write_text(md)
+        print(md)
+        return
 
     import numpy as np
     import pyarrow as pa
@@ -111,25 +156,15 @@ def main() -> None:
                      "RSS after init MB (per rank)": " / ".join(f"{v:.0f}" for v in h["rss_after_init_mb_per_rank"]),
                      "train peak MB (per rank)": " / ".join(f"{v:.0f}" for v in h["train_peak_rss_mb_per_rank"]),
                      "process peak MB (per rank)": " / ".join(f"{v:.0f}" for v in h["peak_rss_mb_per_rank"]),
-                     "predicted base MB": round(pred["base_mb"]), "predicted LoRA+optim MB": round(pred["lora_mb"], 1),
-                     "predicted activations MB": round(pred["activations_mb"]),
                      "samples/s": round(h["samples_per_s"], 2), "seconds": round(time.perf_counter() - t0),
                      "raw": {k: h[k] for k in ("rss_after_init_mb_per_rank", "train_peak_rss_mb_per_rank",
-                                               "peak_rss_mb_per_rank")}, "predicted": pred})
-        print(rows[-1], flush=True)
-    cols = ["ZeRO", "workers", "RSS after init MB (per rank)", "train peak MB (per rank)", "process peak MB (per rank)",
-            "predicted base MB", "predicted LoRA+optim MB", "predicted activations MB", "samples/s", "seconds"]
+                                               "peak_rss_mb_per_rank")}})
+        print(rows[-1], {k: round(v) for k, v in pred.items()}, flush=True)
     meta = {"model": args.model, "lora": {"r": r, "alpha": r, "target_modules": list(c.target_modules),
                                           "trainable_params": lora_params},
-            "batch_size": args.batch_size, "length": args.length, "rows": args.rows, "precision": "fp32 (CPU)"}
+            "batch_size": args.batch_size, "length": args.length, "n_rows": args.rows, "precision": "fp32 (CPU)"}
+    md = render(meta, rows, config)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
-    md = (f"# W2SDefense student stage: memory per worker, ZeRO 0 / 2 / 3 ({args.workers} workers)\n\n"
-          f"`python benchmarks/w2s_memory.py` — {args.model} with LoRA r={r} on q_proj, v_proj (+ head): "
-          f"{lora_params:,} trainable parameters; micro-batch {args.batch_size} x {args.length} tokens; fp32 on "
-          f"CPU (DS_ACCELERATOR=cpu, gloo), 1 CPU per worker. `RSS after init`: resident memory right after "
-          "deepspeed.initialize; `train peak`: the RSS high-water mark of training steps only (reset after "
-          "initialize); `process peak`: the whole process, model loading included. Predicted columns: the "
-          "arithmetic of docs/w2s_memory.md.\n\n" + markdown_table(rows, cols) + "\n")
     (RESULTS / f"{args.tag}.md").write_text(md)
     print(md)
 
