@@ -14,7 +14,7 @@ interrupted run keeps what it finished and re-running skips finished rows.
 Target (issue 4): W2SDefense ASR <= 10% with CACC within 1 point of LoRA-FT; LoRA-FT's ASR stays high.
 
     python benchmarks/w2s.py [--datasets rotten-tomatoes cr] [--triggers w2s-word w2s-sentence]
-        [--methods lora-ft w2s w2s-fitted] [--label-mode dirty|clean] [--train-rows 1000]
+        [--methods lora-ft w2s w2s-fitted w2s-fa] [--label-mode dirty|clean] [--train-rows 1000]
         [--set gamma=1.0 ...] [--tag w2s]
         [--smoke]   # one cell, a tiny budget: proves the pipeline, not the method
 """
@@ -32,14 +32,18 @@ RESULTS = HERE / "results"
 SCALING = {"workers": 1, "cpus_per_worker": 2}
 # Scaled-down budget for a 2-core CPU machine (the authors': 5 student epochs over all of SST-2 at
 # batch 32, r = 512 on Llama-3-8B); LoRA rank: W2SConfig's scaled default (64 for SmolLM2's 576).
-BUDGET = {"epochs": 4, "lr": 2e-4, "batch_size": 16, "max_length": 64, "teacher_epochs": 5,
+BUDGET = {"epochs": 3, "lr": 2e-4, "batch_size": 16, "max_length": 64, "teacher_epochs": 5,
           "teacher_batch_size": 32, "teacher_lr": 5e-5}
 ATTACK = {"epochs": 2, "lr": 3e-5, "batch_size": 16, "max_length": 64}
 SMOKE_BUDGET = {"epochs": 1, "batch_size": 8, "max_length": 24, "teacher_epochs": 1, "teacher_batch_size": 16}
 SMOKE_ATTACK = {"epochs": 1, "lr": 3e-5, "batch_size": 8, "max_length": 24}
-VARIANTS = {"w2s-fitted": ("w2s", {"projection": "fitted"})}
+VARIANTS = {"w2s-fitted": ("w2s", {"projection": "fitted"}),
+            # the authors' gamma = 0.001 weighs a feature MSE of ~3 (SmolLM2's pooled features) at 0.3% of
+            # 5 CE: with a budget of a few hundred steps the alignment may do nothing; this row weighs it as CE
+            "w2s-fa": ("w2s", {"alpha": 1.0, "beta": 1.0, "gamma": 1.0})}
 WEIGHTS = {"w2s-word": "word", "w2s-sentence": "sentence"}
-LABELS = {"none": "No defense", "lora-ft": "LoRA-FT", "w2s": "W2SDefense", "w2s-fitted": "W2SDefense (fitted g)"}
+LABELS = {"none": "No defense", "lora-ft": "LoRA-FT", "w2s": "W2SDefense", "w2s-fitted": "W2SDefense (fitted g)",
+          "w2s-fa": "W2SDefense (1/1/1 weights)"}
 
 
 def attack_run(data: Path, run: Path, trigger: str, label_mode: str, poison_rate: float, dev_fraction: float,
