@@ -121,9 +121,13 @@ def finished_result(checkpoint: Path, stage):
         return None
     history = state["history"]
     extras = checkpoint / EXTRAS_FILE
-    return StageResult(model_dir=model_dir if stage.model is not None else None, metrics=dict(history[-1]),
-                       history=history, seconds=sum(float(h.get("epoch_seconds", 0.0)) for h in history),
-                       checkpoint_path=checkpoint, extras_path=extras if extras.is_file() else None)
+    result = StageResult(model_dir=model_dir if stage.model is not None else None, metrics=dict(history[-1]),
+                         history=history, seconds=sum(float(h.get("epoch_seconds", 0.0)) for h in history),
+                         checkpoint_path=checkpoint, extras_path=extras if extras.is_file() else None)
+    adapter = checkpoint / "adapter"  # a LoRA stage's adapter (engine.ADAPTER_DIR)
+    if adapter.is_dir() and "adapter_dir" in {f.name for f in dataclasses.fields(result)}:
+        result = dataclasses.replace(result, adapter_dir=adapter)
+    return result
 
 
 def read_attempts(path: str | Path) -> list[dict[str, Any]]:
