@@ -329,6 +329,36 @@ def _trial_process(trial_dir: Path) -> int | None:
     return pid if cmdline.startswith(b"ray::") else None
 
 
+def test_stage_runs_reuse_a_finished_run_and_restart_an_unreadable_one(tmp_path):
+    """What a retried trial finds of its stage runs, without Ray: a finished run is returned as it
+    was (the engine cannot resume from a final export); a torn snapshot means starting over."""
+    from kdshield.config import TrainSettings
+    from kdshield.defenses.losses import CrossEntropy
+    from kdshield.trainables.engine import STATE_FILE
+    from kdshield.trainables.stage import ModelSpec, Phase, Stage
+    from kdshield.trainables.stage_runs import SNAPSHOT, StageRuns, finished_result, read_attempts
+
+    stage = Stage(name="s", model=ModelSpec("unused", 2), phases=(Phase("train", CrossEntropy()),),
+                  train=TrainSettings(epochs=2))
+    runs = StageRuns(tmp_path / "ray", log=tmp_path / "attempts.jsonl")
+    run_dir = tmp_path / "ray" / "s-1"  # no cache: the first run of stage "s" in this job
+    final, mid = run_dir / "checkpoint_b", run_dir / "checkpoint_a"
+    (final / "hf_model").mkdir(parents=True)
+    (final / "hf_model" / "config.json").write_text("{}")
+    history = [{"epoch": 1, "epoch_seconds": 1.0}, {"epoch": 2, "epoch_seconds": 2.0}]
+    (final / STATE_FILE).write_text(json.dumps({"epoch": 2, "history": history}))
+    (mid / "ds").mkdir(parents=True)
+    (mid / STATE_FILE).write_text(json.dumps({"epoch": 1, "history": history[:1]}))
+    (run_dir / SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": final.name}}))
+    result = runs.run(stage, {}, None)  # training it would fail here: no streams, no Ray
+    assert result.model_dir == final / "hf_model" and result.history == history and result.seconds == 3.0
+    assert [(a["run"], a["event"], a["checkpoint"]) for a in read_attempts(tmp_path / "attempts.jsonl")] == \
+        [("s-1", "finished", final.name)]
+    assert finished_result(mid, stage) is None  # a mid-run checkpoint: resume, do not reuse
+    (run_dir / SNAPSHOT).write_text('{"latest_checkpoint_res')  # the process died while Ray wrote it
+    assert runs._latest_checkpoint(run_dir) is None and not run_dir.exists()
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(900)
 def test_killed_trial_is_retried_from_its_checkpoint_and_nothing_else_restarts(tiny_run, tmp_path, ray_local, capsys):
