@@ -285,7 +285,8 @@ def test_w2s_end_to_end_tiny_llama_two_workers_zero3(decoder_files, tmp_path, ca
     code = main(_defend(decoder_files, out, "w2s", "tiny-llama", "--workers", "2", "--zero", "3",
                         "--set", "teacher=tiny-bert", "--set", "teacher_epochs=1", "--set", "epochs=2",
                         "--set", "lr=5e-3", "--set", "batch_size=8", "--set", "teacher_batch_size=8",
-                        "--set", "max_length=16", "--set", "gamma=0.1", "--set", "beta=0.5"))
+                        "--set", "max_length=16", "--set", "gamma=0.1", "--set", "beta=0.5",
+                        "--set", "evaluate_teacher=false"))  # 4 inference passes fewer (CI budget)
     assert code == 0, capsys.readouterr().err[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("model/model.safetensors", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
@@ -296,7 +297,7 @@ def test_w2s_end_to_end_tiny_llama_two_workers_zero3(decoder_files, tmp_path, ca
     assert {"clean/ce", "clean/kl", "clean/fa"} <= set(student_hist[-1])
     assert len(student_hist[-1]["peak_rss_mb_per_rank"]) == 2  # both workers' memory
     assert metrics["lora"]["r"] == 8 and metrics["lora"]["trainable_params"] > 0
-    assert 0 <= metrics["cacc"] <= 100 and 0 <= metrics["teacher"]["cacc"] <= 100
+    assert 0 <= metrics["cacc"] <= 100 and metrics["projection"] == "joint"
     _assert_only_lora_changed("tiny-llama", out / "adapter", out / "model")
     proj = load_file(str(out / "teacher/w2s_projection.safetensors"))
     assert proj["proj.weight"].shape == (64, 32)  # tiny-bert's width 32 -> tiny-llama's 64
