@@ -293,8 +293,9 @@ def test_search_killed_and_resumed_shares_the_dmm_and_reports(tiny_run, tmp_path
     table = (out / "trials.md").read_text()
     assert all(trial_id in table for trial_id in after)
     best = yaml.safe_load((out / "best.yaml").read_text())
-    best_id = max(after, key=lambda t: after[t]["report"]["defender_score"])
-    assert best["params"] == after[best_id]["params"]
+    top = max(r["report"]["defender_score"] for r in after.values())  # ties: the random tiny model often scores 50
+    best_id = next(t for t in after if after[t]["params"] == best["params"])
+    assert after[best_id]["report"]["defender_score"] == top
     assert main(["defend", "--config", str(out / "best.yaml"), "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again["cacc"] == pytest.approx(after[best_id]["report"]["cacc"])
