@@ -534,3 +534,29 @@ def test_study_lives_in_postgresql_and_a_search_resumes_from_it(tiny_run, tmp_pa
     assert trials[0].number == first[0].number and trials[0].params == first[0].params
     assert trials[0].values == first[0].values
     assert len(list((out / "trials").glob("*/result.json"))) == 2
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_resumed_searcher_ignores_reports_of_trials_the_study_finished(tmp_path, durable):
+    """The driver died after Optuna finished a trial but before Tune saved that: the restored
+    searcher gets the re-launched trial's report again. Stock OptunaSearch raises; ours drops it."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+    from ray.tune.search.optuna import OptunaSearch
+
+    from kdshield.trainables.durable_search import DurableOptunaSearch
+
+    cls = DurableOptunaSearch if durable else OptunaSearch
+    searcher = cls(space={"x": FloatDistribution(0, 1)}, metric="m", mode="max", study_name="s",
+                   storage=optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}"))
+    searcher.suggest("t0")
+    searcher.on_trial_complete("t0", {"m": 1.0})
+    searcher._completed_trials.clear()  # what a searcher restored from Tune's older state knows
+    if not durable:
+        with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+            searcher.on_trial_result("t0", {"m": 2.0, "training_iteration": 3})
+        return
+    searcher.on_trial_result("t0", {"m": 2.0, "training_iteration": 3})
+    searcher.on_trial_complete("t0", {"m": 2.0})
+    (trial,) = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
+    assert trial.value == 1.0 and trial.state == optuna.trial.TrialState.COMPLETE

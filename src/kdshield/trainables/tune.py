@@ -401,7 +401,7 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
+    from kdshield.trainables.durable_search import DurableOptunaSearch
 
     out = Path(job.out).resolve()
     metrics, modes = OBJECTIVES[job.objective]
@@ -418,9 +418,9 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
         return tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable, resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
     storage = optuna.storages.RDBStorage(job.storage_url())
-    searcher = OptunaSearch(space=space.distributions(), metric=metrics if len(metrics) > 1 else metrics[0],
-                            mode=modes if len(modes) > 1 else modes[0], sampler=_sampler(job.sampler_name(), job.seed),
-                            study_name=job.study_name or f"kdshield-{job.method}", storage=storage)
+    searcher = DurableOptunaSearch(space=space.distributions(), metric=metrics if len(metrics) > 1 else metrics[0],
+                                   mode=modes if len(modes) > 1 else modes[0], sampler=_sampler(job.sampler_name(), job.seed),
+                                   study_name=job.study_name or f"kdshield-{job.method}", storage=storage)
     scheduler = (ASHAScheduler(time_attr="training_iteration", metric=job.asha_metric,
                                mode=SCALAR_MODES[job.asha_metric], max_t=max(_max_t(space), job.grace_period),
                                grace_period=job.grace_period, reduction_factor=job.reduction_factor)
