@@ -108,7 +108,7 @@ class StageRuns:
 
 def finished_result(checkpoint: Path, stage):
     """The StageResult a finished run left in its final ``checkpoint`` (None: not a final export)."""
-    from kdshield.trainables.engine import DS_TAG, EXTRAS_FILE, HF_MODEL_DIR, STATE_FILE, StageResult
+    from kdshield.trainables.engine import ADAPTER_DIR, DS_TAG, EXTRAS_FILE, HF_MODEL_DIR, STATE_FILE, StageResult
 
     try:
         state = json.loads((checkpoint / STATE_FILE).read_text())
@@ -120,14 +120,11 @@ def finished_result(checkpoint: Path, stage):
     if stage.model is not None and not (model_dir / "config.json").is_file():
         return None
     history = state["history"]
-    extras = checkpoint / EXTRAS_FILE
-    result = StageResult(model_dir=model_dir if stage.model is not None else None, metrics=dict(history[-1]),
-                         history=history, seconds=sum(float(h.get("epoch_seconds", 0.0)) for h in history),
-                         checkpoint_path=checkpoint, extras_path=extras if extras.is_file() else None)
-    adapter = checkpoint / "adapter"  # a LoRA stage's adapter (engine.ADAPTER_DIR)
-    if adapter.is_dir() and "adapter_dir" in {f.name for f in dataclasses.fields(result)}:
-        result = dataclasses.replace(result, adapter_dir=adapter)
-    return result
+    extras, adapter = checkpoint / EXTRAS_FILE, checkpoint / ADAPTER_DIR
+    return StageResult(model_dir=model_dir if stage.model is not None else None, metrics=dict(history[-1]),
+                       history=history, seconds=sum(float(h.get("epoch_seconds", 0.0)) for h in history),
+                       checkpoint_path=checkpoint, extras_path=extras if extras.is_file() else None,
+                       adapter_dir=adapter if adapter.is_dir() else None)
 
 
 def read_attempts(path: str | Path) -> list[dict[str, Any]]:
