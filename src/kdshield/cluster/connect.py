@@ -53,6 +53,20 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
     _STARTED_LOCAL[0] = not address
     logging.getLogger("ray.data").setLevel(logging.WARNING if quiet else logging.INFO)
-    ctx = ray.data.DataContext.get_current()
+    ctx = ordered_data()
     ctx.enable_progress_bars = not quiet
     ctx.print_on_execution_start = not quiet
+
+
+def ordered_data():
+    """Make this process's Ray Data keep row order, and return its ``DataContext``.
+
+    Ray Data may hand out blocks in completion order, so without this a stream computed afresh
+    (tokenisation, teacher outputs) and the same stream read back from the stage cache can reach
+    training in different orders, and a configuration re-run does not reproduce its result.
+    Call it in every process that builds or consumes datasets (the driver, each Tune trial)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    return ctx

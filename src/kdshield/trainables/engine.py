@@ -172,6 +172,18 @@ def _reset_peak_rss() -> bool:
         return False
 
 
+def _quiet_report_log() -> None:
+    """Ray Train V2 logs every ``ray.train.report`` at INFO, metrics and all (a logger named by its
+    source file); the engine prints its own one-line epoch summaries instead."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: its log stays as it is
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _train_worker(config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker."""
     import deepspeed
@@ -182,6 +194,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     from kdshield.datasets import PadCollate
     from kdshield.models import load_classifier
 
+    _quiet_report_log()
     stage: Stage = config["stage"]
     scaling: ScalingSettings = config["scaling"]
     train = stage.train
@@ -383,9 +396,10 @@ def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *
     empty = [name for name, n in counts.items() if n < scaling.workers]
     if empty:
         raise ValueError(f"stage {stage.name!r}: streams {empty} have fewer rows than workers")
-    from kdshield.cluster.plan import plan_resources
+    from kdshield.cluster import ordered_data, plan_resources
 
     plan_resources(scaling)  # workers that can never be placed: one InputError line, not a hang
+    ordered_data()
     use_gpu = scaling.gpus_per_worker > 0
     resources = {"CPU": scaling.cpus_per_worker}
     if use_gpu:
@@ -410,6 +424,9 @@ def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *
             worker_runtime_env={"env_vars": env}, callbacks=callbacks,
             logging_config=ray.train.LoggingConfig(log_level="WARNING")),
         datasets={name_: streams[name_] for name_ in stage.streams},
+        # rows reach the workers in the streams' order (shuffled, if at all, by a seeded local
+        # buffer): a stage re-run on the same data and settings trains on the same batches
+        dataset_config=ray.train.DataConfig(execution_options=ray.train.DataConfig.default_ingest_options()),
     )
     t0 = time.perf_counter()
     result = trainer.fit()

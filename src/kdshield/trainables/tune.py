@@ -281,6 +281,9 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from kdshield.trainables.stage_cache import StageCache
     from kdshield.trainables.stage_runs import StageRuns
 
+    from kdshield.cluster import ordered_data
+
+    ordered_data()  # this trial's actor builds and reads its streams in the order a re-run will
     t0 = time.perf_counter()
     space, out = ctx["space"], Path(ctx["out"])
     trial_id = ray.tune.get_context().get_trial_id()
