@@ -14,14 +14,10 @@ import pyarrow as pa
 
 from kdshield.trainables.runs import say
 
-# Sized to finish in under 10 minutes on a 2-core CPU machine, where MiniLM trains at about 15
-# samples/s: Rotten Tomatoes snippets cut at 40 tokens (14% of them are longer) and a budget
-# below benchmarks/bedkd.py's (which is what the quality claims rest on).
-DEMO_TRAIN_ROWS = 1000
-DEMO_TEST_ROWS = 400
-DEMO_MAX_LENGTH = 40
-DEMO_BEDKD = {"n_c_dmm": 80, "n_c": 80, "n_p": 32, "dmm_epochs": 10, "akd_cycles": 5, "punish_passes": 4,
-              "max_length": DEMO_MAX_LENGTH}
+DEMO_TRAIN_ROWS = 1600
+DEMO_TEST_ROWS = 500
+DEMO_BEDKD = {"n_c_dmm": 80, "n_c": 80, "n_p": 32, "dmm_epochs": 12, "akd_cycles": 6, "punish_passes": 4,
+              "max_length": 48}
 
 
 def subset(table: pa.Table, rows: int, seed: int) -> pa.Table:
@@ -71,7 +67,7 @@ def run_demo(out: str = "kdshield-demo", *, overwrite: bool = False) -> dict:
     attack = run_attack(AttackJob(
         train=str(small / "train.parquet"), test=str(small / "test.parquet"), model="minilm", out=str(root / "run"),
         attack="badnet", poison_rate=0.1, target_label=1, overwrite=overwrite, scaling=scaling,
-        training={"epochs": 3, "lr": 1e-4, "batch_size": 32, "max_length": DEMO_MAX_LENGTH}))
+        training={"epochs": 3, "lr": 1e-4, "batch_size": 32, "max_length": 48}))
     defended = run_defend(DefendJob(method="bedkd", run=str(root / "run"), out=str(root / "bedkd"),
                                     overwrite=overwrite, params=DEMO_BEDKD, scaling=scaling))
     rows = [{"model": "backdoored MiniLM", "CACC %": attack["cacc"], "ASR %": attack["asr"],
