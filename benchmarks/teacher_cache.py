@@ -4,7 +4,8 @@ teacher inside the training loop at every step (``teacher_outputs=live``), in on
 
     python benchmarks/teacher_cache.py --run RUN [--set key=value ...]   # writes results/teacher_cache.{json,md}
 
-RUN is a directory from ``kdshield attack`` (e.g. benchmarks/work/attack/run from attack.py).
+RUN is a directory from ``kdshield attack``: e.g. ``kdshield-demo/run`` after ``kdshield demo``,
+or benchmarks/work/attack/run from attack.py.
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     (out / "teacher_cache.json").write_text(json.dumps({"params": params, "results": results, "ratios": ratios},
                                                        indent=2))
+    attack = json.loads((Path(args.run) / "attack.json").read_text())
     text = ("# Teacher caching: BeDKD with cached vs live teacher outputs\n\n"
-            f"`python benchmarks/teacher_cache.py` on `{Path(args.run).name}` (MiniLM, 1 worker x 2 CPUs), "
+            f"`python benchmarks/teacher_cache.py --run {args.run}`: {attack['config']['model']} backdoored by "
+            f"{attack['config']['attack']} (RUN rows {json.dumps(attack['rows'])}, max length "
+            f"{attack['config']['training']['max_length']}), 1 worker x 2 CPUs, "
             f"settings `{json.dumps(params)}`; stage seconds are Ray Train fits (worker start included).\n\n"
             + markdown_table(rows) + "\n\n"
             + "\n".join(f"- live / cached, {k}: {v:.2f}x" for k, v in ratios.items()) + "\n")
