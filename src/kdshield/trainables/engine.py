@@ -404,7 +404,9 @@ def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *
     resources = {"CPU": scaling.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
-    env = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    # Train V2 reroutes print() through its logger and, where stdout is wrapped, prints it as well:
+    # every progress line reached the driver twice
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}
     storage = Path(storage).resolve()
     storage.mkdir(parents=True, exist_ok=True)
     name = run_name or f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}"
