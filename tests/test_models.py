@@ -89,6 +89,22 @@ def test_preset_directory_is_plain_safetensors(name):
     assert resolve_model(name) == str(path)  # built once, then reused
 
 
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_a_missing_head_is_the_same_in_every_process(name):
+    """A checkpoint without a classification head gets a fresh one, and every process loading
+    it (a Train worker, an inference actor, a re-run) must get the same one: the head does not
+    depend on the caller's RNG, and loading leaves that RNG as it was."""
+    heads = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected_next = torch.rand(4)
+        torch.manual_seed(seed)
+        model, _ = load_classifier(name, 2)
+        assert torch.equal(torch.rand(4), expected_next)  # the caller's RNG is untouched
+        heads.append([p.detach().clone() for n, p in model.named_parameters() if n.split(".")[0] in ("classifier", "score")])
+    assert heads[0] and all(torch.equal(a, b) for a, b in zip(*heads))
+
+
 def test_real_tokenizers():
     """The tiny models carry real vocabularies (known ids of GPT-2 and BERT uncased)."""
     gpt2 = load_tokenizer("tiny-llama")

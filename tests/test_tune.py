@@ -300,6 +300,15 @@ def test_search_killed_and_resumed_shares_the_dmm_and_reports(tiny_run, tmp_path
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again["cacc"] == pytest.approx(after[best_id]["report"]["cacc"])
     assert again["asr"] == pytest.approx(after[best_id]["report"]["asr"])
+    # and trains the same: every epoch's losses as in the trial (whose DMM came from the probe's
+    # cache and whose teachers' outputs were read back from the cache, computed in other processes)
+    ran = json.loads((out / "trials" / best_id / "defend" / "metrics.json").read_text())["history"]
+    assert set(ran) == set(again["history"]) == {"dmm", "akd"}
+    for stage, epochs in ran.items():
+        assert len(epochs) == len(again["history"][stage])
+        for a, b in zip(epochs, again["history"][stage]):
+            terms = sorted(k for k in b if k.split("/")[-1] in ("loss", "ce", "kl", "mse"))
+            assert terms and {k: b[k] for k in terms} == pytest.approx({k: a[k] for k in terms}, rel=1e-4, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- a trial killed

@@ -152,6 +152,9 @@ def _ensure_pad_token(tokenizer, name: str) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
+HEAD_INIT_SEED = 0  # see load_classifier
+
+
 def load_classifier(
     name_or_path: str | os.PathLike,
     num_labels: int,
@@ -172,7 +175,8 @@ def load_classifier(
 
     Weights load from safetensors only, without custom code. A checkpoint without a
     classification head (a base or causal LM) gets a freshly initialised one; a classifier
-    checkpoint with another number of labels gets its head replaced. For decoders,
+    checkpoint with another number of labels gets its head replaced. Either way the new head
+    is drawn from ``HEAD_INIT_SEED``, so every process loading the model gets the same head. For decoders,
     ``config.pad_token_id`` is set from the tokenizer so that pooling finds the last
     non-pad token under left or right padding.
     """
@@ -204,9 +208,14 @@ def load_classifier(
                            for a in (config.architectures or []))
         config.num_labels = num_labels
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = _open(AutoModelForSequenceClassification, name, path, "weights", config=config,
-                  dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=replace_head,
-                  **kwargs)
+    # A head the checkpoint lacks is initialised from a fixed seed, not from the caller's RNG:
+    # every process that loads the model (Train workers, inference actors, a re-run) gets the same
+    # one. The caller's RNG state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(HEAD_INIT_SEED)
+        model = _open(AutoModelForSequenceClassification, name, path, "weights", config=config,
+                      dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=replace_head,
+                      **kwargs)
     if keep_layers is not None or init != "pretrained":
         model = reduced_copy(model, keep_layers, init=init)
     return model, tokenizer
