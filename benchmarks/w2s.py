@@ -92,14 +92,18 @@ def render(rows: list[dict], meta: dict) -> str:
     for r in rows:
         cells.setdefault((r["dataset"], r["trigger"], r["labels"]), {})[r["key"]] = r
     for (ds, trig, mode), cell in cells.items():
-        base, lora, ours = cell.get("none"), cell.get("lora-ft"), cell.get("w2s")
-        if lora and ours:
+        base, lora = cell.get("none"), cell.get("lora-ft")
+        for key, ours in cell.items():
+            if not (lora and key.startswith("w2s")):
+                continue
             ok = ours["ASR %"] <= 10 and abs(lora["CACC %"] - ours["CACC %"]) <= 1 and lora["ASR %"] >= 50
-            verdicts.append(f"- {ds} / {trig} ({mode}-label): ASR {base['ASR %'] if base else float('nan'):.1f} "
-                            f"(backdoored) -> LoRA-FT {lora['ASR %']:.1f} / W2S {ours['ASR %']:.1f}; CACC LoRA-FT "
-                            f"{lora['CACC %']:.1f} vs W2S {ours['CACC %']:.1f}: {'met' if ok else 'MISSED'}")
+            verdicts.append(f"- {ds} / {trig} ({mode}-label), {LABELS[key]}: ASR "
+                            f"{base['ASR %'] if base else float('nan'):.1f} (backdoored) -> LoRA-FT {lora['ASR %']:.1f} "
+                            f"/ {ours['ASR %']:.1f}; CACC LoRA-FT {lora['CACC %']:.1f} vs {ours['CACC %']:.1f}: "
+                            f"{'met' if ok else 'MISSED'}")
     return ("# W2SDefense on real data (SmolLM2-135M student, MiniLM-L6 teacher)\n\n"
-            f"`{meta['command']}`\n\nBudget: attack `{json.dumps(meta['attack'])}` "
+            + "".join(f"`{c}`\n\n" for c in meta.get("commands", [meta["command"]]))
+            + f"Budget: attack `{json.dumps(meta['attack'])}` "
             f"(full-parameter fine-tuning, poison rate {meta['poison_rate']}, target label 1); defenses "
             f"`{json.dumps(meta['budget'])}` on the RUN's dev split ({meta['dev_fraction']:.0%} of "
             f"{meta['train_rows']} training rows), LoRA r/alpha/dropout W2SConfig's defaults (r 64, alpha 64, "
@@ -147,7 +151,11 @@ def main() -> None:
             "poison_rate": args.poison_rate, "dev_fraction": args.dev_fraction, "train_rows": args.train_rows}
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / f"{tag}.json"
-    rows = json.loads(store.read_text())["rows"] if store.exists() else []
+    previous = json.loads(store.read_text()) if store.exists() else {}
+    rows = previous.get("rows", [])
+    # the table is filled by several invocations (e.g. a method added later): each is listed
+    commands = previous.get("commands", [previous["command"]] if "command" in previous else [])
+    meta["commands"] = commands + [meta["command"]] * (meta["command"] not in commands)
     done = {(r["dataset"], r["trigger"], r["labels"], r["key"]) for r in rows}
     work = Path(args.work) / ("smoke" if args.smoke else f"{args.train_rows}-{args.test_rows}")
 
