@@ -176,8 +176,8 @@ def load_classifier(
     Weights load from safetensors only, without custom code. A checkpoint without a
     classification head (a base or causal LM) gets a freshly initialised one; a classifier
     checkpoint with another number of labels gets its head replaced. Either way the new head
-    is drawn from ``HEAD_INIT_SEED``, so every process loading the model gets the same head. For decoders,
-    ``config.pad_token_id`` is set from the tokenizer so that pooling finds the last
+    is drawn from ``HEAD_INIT_SEED``, so every process loading the model gets the same head.
+    For decoders, ``config.pad_token_id`` is set from the tokenizer so that pooling finds the last
     non-pad token under left or right padding.
     """
     from transformers import AutoModelForSequenceClassification
