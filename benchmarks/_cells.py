@@ -42,3 +42,11 @@ def cell(dataset: str, attack: str, *, train_rows: int, test_rows: int, epochs: 
     data = corpus_subset(cells / f"{train_rows}-{test_rows}", dataset, train_rows, test_rows)
     run = data.parent / attack / f"run-{epochs}ep"
     return run, backdoored_run(data, run, attack, epochs)
+
+
+def invocations(previous: dict, script: str, argv: list[str]) -> list[str]:
+    """Every command that filled a results table, this one last if new: a table is often filled
+    by several runs (a cell or a method added later), and its header must say how to rebuild it."""
+    this = " ".join(["python", f"benchmarks/{script}", *argv])
+    commands = previous.get("commands") or ([previous["command"]] if "command" in previous else [])
+    return commands + [this] * (this not in commands)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -30,7 +31,7 @@ VARIANTS = {"bedkd-unbounded": ("bedkd", {"punish": "unbounded"}),
             "bedkd-1pass": ("bedkd", {"punish_passes": 1})}
 
 
-def render(rows: list[dict], budget: dict, args) -> str:
+def render(rows: list[dict], budget: dict, commands: list[str]) -> str:
     from kdshield.evaluation import markdown_table
 
     cols = ["dataset", "attack", "method", "CACC %", "ASR %", "FAR %", "FRR %", "identified", "precision %",
@@ -46,7 +47,8 @@ def render(rows: list[dict], budget: dict, args) -> str:
             verdicts.append(f"- {ds} / {atk}: ASR {base['ASR %']:.1f} -> {ours['ASR %']:.1f}, CACC "
                             f"{base['CACC %']:.1f} -> {ours['CACC %']:.1f}: {'met' if ok else 'MISSED'}")
     return ("# BeDKD on real data (MiniLM-L6): No defense / FT / KD / BeDKD\n\n"
-            f"`python benchmarks/bedkd.py --train-rows {args.train_rows}` ; defense budget (all methods): "
+            + "".join(f"`{c}`\n\n" for c in commands)
+            + f"Defense budget (all methods): "
             f"`{json.dumps(budget)}`; poison rate 10% dirty-label, target label 1; FAR/FRR are the MEPD "
             "threshold's errors on the whole suspect training set, `identified` the samples kept for "
             "punishment (at most n_p) and `precision` the share of them that were really poisoned "
@@ -71,19 +73,22 @@ def main() -> None:
     args = ap.parse_args()
 
     from kdshield.config import parse_assignments
-    from _cells import SCALING, cell
+    from _cells import SCALING, cell, invocations
     from kdshield.trainables.defend import DefendJob, run_defend
 
     budget = {**BUDGET, **parse_assignments(args.set)}
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / f"{args.tag}.json"
-    rows = json.loads(store.read_text())["rows"] if store.exists() else []
+    previous = json.loads(store.read_text()) if store.exists() else {}
+    rows = previous.get("rows", [])
+    commands = invocations(previous, "bedkd.py", sys.argv[1:])
     done = {(r["dataset"], r["attack"], r["method"]) for r in rows}
     work = Path(args.work)
 
     def save():
-        store.write_text(json.dumps({"budget": budget, "args": vars(args), "rows": rows}, indent=2))
-        (RESULTS / f"{args.tag}.md").write_text(render(rows, budget, args))
+        store.write_text(json.dumps({"commands": commands, "budget": budget, "args": vars(args), "rows": rows},
+                                    indent=2))
+        (RESULTS / f"{args.tag}.md").write_text(render(rows, budget, commands))
 
     for dataset in args.datasets:
         for attack in args.attacks:
@@ -106,7 +111,7 @@ def main() -> None:
                              "prec. smallest %": m.get("precision_smallest"), "prec. random %": m.get("precision_random"),
                              "seconds": m["seconds"]})
                 save()
-                print(render(rows, budget, args), flush=True)
+                print(render(rows, budget, commands), flush=True)
 
 
 if __name__ == "__main__":

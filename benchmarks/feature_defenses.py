@@ -58,7 +58,7 @@ def row(dataset: str, attack: str, method: str, m: dict) -> dict:
     return out
 
 
-def render(rows: list[dict], budget: dict, args) -> str:
+def render(rows: list[dict], budget: dict, commands: list[str], smoke: bool) -> str:
     from kdshield.evaluation import markdown_table
 
     cols = ["dataset", "attack", "method", "CACC %", "ASR %", "compression", "seconds", "stage seconds",
@@ -78,9 +78,9 @@ def render(rows: list[dict], budget: dict, args) -> str:
             verdicts.append(f"- {ds} / {atk} RobustKD: ASR {rk['ASR %']:.1f} (plain feature KD {fk['ASR %']:.1f}), "
                             f"CACC {rk['CACC %']:.1f} vs {fk['CACC %']:.1f}: {'met' if ok else 'MISSED'}")
     title = "# MBTSAD and RobustKD on real data (MiniLM-L6)"
-    if args.smoke:
+    if smoke:
         title += " -- REDUCED SMOKE RUN (tiny budget: proves the pipeline runs, says nothing about the methods)"
-    return (f"{title}\n\n`python benchmarks/feature_defenses.py {' '.join(args.argv)}`; budgets: "
+    return (f"{title}\n\n" + "".join(f"`{c}`\n\n" for c in commands) + "Budgets: "
             f"`{json.dumps(budget)}`; poison rate 10% dirty-label, target label 1; the defender's clean data "
             "is the RUN's dev split. `stage seconds` / `stage peak RSS MB`: per stage (peak RSS of rank 0's Ray "
             "Train worker process; teacher caching and evaluation run in Ray Data actors and are timed, "
@@ -106,13 +106,12 @@ def main() -> None:
     ap.add_argument("--work", default=str(HERE / "work" / "feature_defenses"))
     ap.add_argument("--tag", default=None, help="results file name (default feature_defenses, or ..._smoke)")
     args = ap.parse_args()
-    args.argv = sys.argv[1:]
     tag = args.tag or ("feature_defenses_smoke" if args.smoke else "feature_defenses")
     if args.smoke:
         args.datasets, args.attacks = args.datasets[:1], args.attacks[:1]
 
     from kdshield.config import parse_assignments
-    from _cells import SCALING, cell
+    from _cells import SCALING, cell, invocations
     from kdshield.trainables.defend import DefendJob, run_defend
 
     budget = {k: dict(v) for k, v in (SMOKE if args.smoke else BUDGET).items()}
@@ -123,14 +122,16 @@ def main() -> None:
         budget[family][name] = value
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / f"{tag}.json"
-    rows = json.loads(store.read_text())["rows"] if store.exists() else []
+    previous = json.loads(store.read_text()) if store.exists() else {}
+    rows = previous.get("rows", [])
+    commands = invocations(previous, "feature_defenses.py", sys.argv[1:])
     done = {(r["dataset"], r["attack"], r["key"]) for r in rows}
     work = Path(args.work) / tag
 
     def save():
-        store.write_text(json.dumps({"budget": budget, "args": {k: v for k, v in vars(args).items()},
-                                     "rows": rows}, indent=2))
-        (RESULTS / f"{tag}.md").write_text(render(rows, budget, args))
+        store.write_text(json.dumps({"commands": commands, "budget": budget, "args": vars(args), "rows": rows},
+                                    indent=2))
+        (RESULTS / f"{tag}.md").write_text(render(rows, budget, commands, args.smoke))
 
     scaling = SCALING
     for dataset in args.datasets:
@@ -154,7 +155,7 @@ def main() -> None:
                     rows.append(row(dataset, attack, "ts-ft", ts))
                 rows.append(row(dataset, attack, method, m))
                 save()
-                print(render(rows, budget, args), flush=True)
+                print(render(rows, budget, commands, args.smoke), flush=True)
 
 
 if __name__ == "__main__":

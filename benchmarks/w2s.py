@@ -102,7 +102,7 @@ def render(rows: list[dict], meta: dict) -> str:
                             f"/ {ours['ASR %']:.1f}; CACC LoRA-FT {lora['CACC %']:.1f} vs {ours['CACC %']:.1f}: "
                             f"{'met' if ok else 'MISSED'}")
     return ("# W2SDefense on real data (SmolLM2-135M student, MiniLM-L6 teacher)\n\n"
-            + "".join(f"`{c}`\n\n" for c in meta.get("commands", [meta["command"]]))
+            + "".join(f"`{c}`\n\n" for c in meta["commands"])
             + f"Budget: attack `{json.dumps(meta['attack'])}` "
             f"(full-parameter fine-tuning, poison rate {meta['poison_rate']}, target label 1); defenses "
             f"`{json.dumps(meta['budget'])}` on the RUN's dev split ({meta['dev_fraction']:.0%} of "
@@ -136,7 +136,7 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(HERE))
-    from _cells import corpus_subset
+    from _cells import corpus_subset, invocations
 
     from kdshield.config import parse_assignments
     from kdshield.trainables.defend import DefendJob, run_defend
@@ -147,15 +147,13 @@ def main() -> None:
     tag = args.tag or ("w2s_smoke" if args.smoke else "w2s")
     budget = {**BUDGET, **(SMOKE_BUDGET if args.smoke else {}), **parse_assignments(args.set)}
     attack = {**(SMOKE_ATTACK if args.smoke else ATTACK), **parse_assignments(args.attack_set)}
-    meta = {"command": "python " + " ".join(["benchmarks/w2s.py", *sys.argv[1:]]), "budget": budget, "attack": attack,
+    meta = {"budget": budget, "attack": attack,
             "poison_rate": args.poison_rate, "dev_fraction": args.dev_fraction, "train_rows": args.train_rows}
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / f"{tag}.json"
     previous = json.loads(store.read_text()) if store.exists() else {}
     rows = previous.get("rows", [])
-    # the table is filled by several invocations (e.g. a method added later): each is listed
-    commands = previous.get("commands", [previous["command"]] if "command" in previous else [])
-    meta["commands"] = commands + [meta["command"]] * (meta["command"] not in commands)
+    meta["commands"] = invocations(previous, "w2s.py", sys.argv[1:])
     done = {(r["dataset"], r["trigger"], r["labels"], r["key"]) for r in rows}
     work = Path(args.work) / ("smoke" if args.smoke else f"{args.train_rows}-{args.test_rows}")
 
