@@ -31,6 +31,7 @@ from kdshield.models import (
     PRESETS,
     check_safe_weights,
     describe,
+    head_problem,
     hidden_size,
     load_classifier,
     load_tokenizer,
@@ -103,6 +104,17 @@ def test_a_missing_head_is_the_same_in_every_process(name):
         assert torch.equal(torch.rand(4), expected_next)  # the caller's RNG is untouched
         heads.append([p.detach().clone() for n, p in model.named_parameters() if n.split(".")[0] in ("classifier", "score")])
     assert heads[0] and all(torch.equal(a, b) for a, b in zip(*heads))
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_head_problem_tells_a_base_model_from_a_trained_classifier(name, tmp_path):
+    """``defend`` warns when the suspect model would get a fresh head: a base checkpoint, or a
+    classifier for another number of labels; a saved classifier for the data's labels passes."""
+    assert "not a sequence classifier" in head_problem(name, 2)
+    model, tokenizer = load_classifier(name, 2)
+    saved = save_classifier(model, tokenizer, tmp_path / "clf")
+    assert head_problem(saved, 2) is None
+    assert head_problem(saved, 3) == "its classification head has 2 labels, not 3"
 
 
 def test_real_tokenizers():

@@ -211,6 +211,24 @@ def test_robustkd_refuses_a_larger_student_before_ray(defend_files, tmp_path, ca
     assert code == 2 and "larger than the teacher" in line
 
 
+def test_defend_warns_when_the_suspect_has_no_trained_head(defend_files, tmp_path, capsys, no_ray):  # noqa: F811
+    """A base checkpoint given as the suspect model is defended with a fresh random head, and the
+    person running it is told so (before any Ray work); a trained classifier raises no warning."""
+    from kdshield.cli import main
+    from kdshield.models import load_classifier, load_tokenizer, save_classifier
+
+    files = ["--train", defend_files["train"], "--clean", defend_files["clean"], "--test", defend_files["test"]]
+    failing = ["--set", "teacher_layers=[3]", "--out", str(tmp_path / "out")]  # stops the job before Ray
+    assert main(["defend", "--method", "robustkd", "--model", "tiny-bert", *files, *failing]) == 2
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("kdshield: warning")]
+    assert len(warning) == 1 and "no trained classification head" in warning[0] and "random head" in warning[0]
+
+    model, _ = load_classifier("tiny-bert", 2)
+    trained = save_classifier(model, load_tokenizer("tiny-bert"), tmp_path / "classifier")
+    assert main(["defend", "--method", "robustkd", "--model", str(trained), *files, *failing]) == 2
+    assert "kdshield: warning" not in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- through Ray
 
 @pytest.mark.ray

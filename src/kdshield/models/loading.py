@@ -155,6 +155,22 @@ def _ensure_pad_token(tokenizer, name: str) -> None:
 HEAD_INIT_SEED = 0  # see load_classifier
 
 
+def _is_classifier(config) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
+
+def head_problem(name_or_path: str | os.PathLike, num_labels: int) -> str | None:
+    """Why the checkpoint has no trained ``num_labels``-way classification head (so that
+    ``load_classifier`` would draw a fresh one), or None when it has one. Reads the config only."""
+    config = load_config(name_or_path)
+    if not _is_classifier(config):
+        kinds = ", ".join(config.architectures or []) or "no architectures listed"
+        return f"the checkpoint is not a sequence classifier ({kinds})"
+    if config.num_labels != num_labels:
+        return f"its classification head has {config.num_labels} labels, not {num_labels}"
+    return None
+
+
 def load_classifier(
     name_or_path: str | os.PathLike,
     num_labels: int,
@@ -204,8 +220,7 @@ def load_classifier(
 
     replace_head = False
     if config.num_labels != num_labels:
-        replace_head = any(a.endswith("ForSequenceClassification")
-                           for a in (config.architectures or []))
+        replace_head = _is_classifier(config)
         config.num_labels = num_labels
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     # A head the checkpoint lacks is initialised from a fixed seed, not from the caller's RNG:

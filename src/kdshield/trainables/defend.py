@@ -121,6 +121,19 @@ def resolve_inputs(job: DefendJob) -> Inputs:
                   num_labels=num_labels)
 
 
+def warn_if_headless(inputs: Inputs) -> None:
+    """A suspect model that is not a trained classifier for the data's labels (a base model given
+    by mistake) is defended with a fresh head from a fixed seed: its before/after numbers measure
+    that random head, so the person running the defense is told."""
+    from kdshield.models import head_problem
+    from kdshield.models.loading import HEAD_INIT_SEED
+
+    problem = head_problem(inputs.model_dir, inputs.num_labels)
+    if problem:
+        say(f"warning: the suspect model {inputs.model_dir} has no trained classification head: {problem}; "
+            f"it gets a fresh one drawn from seed {HEAD_INIT_SEED}, so its CACC and ASR measure a random head")
+
+
 def sample_per_class(table: pa.Table, n: int, seed: int) -> pa.Table:
     """Up to ``n`` rows of every label, chosen by ``seed`` (all of a label's rows if fewer)."""
     labels = table.column("label").to_numpy()
@@ -381,6 +394,7 @@ def run_defend(job: DefendJob, hooks=None) -> dict:
         say(f"{out} already holds this exact result; nothing to do")
         return json.loads((out / "metrics.json").read_text())
     inputs = resolve_inputs(job)
+    warn_if_headless(inputs)
     if job.method in defend_feature.RECIPES:
         defend_feature.check(job, inputs)  # model-dependent settings, still before any Ray work
     elif job.method in defend_w2s.RECIPES:

@@ -156,12 +156,13 @@ def validate(job: TuneJob):
     """Everything that can be checked without Ray; returns (space, defend template, identity)."""
     from kdshield.defenses.bedkd import BeDKDConfig
     from kdshield.search_spaces import load_space
-    from kdshield.trainables.defend import DefendJob, resolve_inputs
+    from kdshield.trainables.defend import DefendJob, resolve_inputs, warn_if_headless
 
     space = load_space(job.method, job.space, fixed=job.fixed)
     probe = parse_settings(BeDKDConfig, {**_probe_defaults(space), **job.probe}, source="tune probe settings")
     template = DefendJob(method=job.method, run=job.run, out=str(Path(job.out) / "unused"), scaling=job.scaling)
     inputs = resolve_inputs(template)
+    warn_if_headless(inputs)
     metrics = set(OBJECTIVES[job.objective][0]) | ({job.asha_metric} if job.scheduler == "asha" else set())
     if "asr" in metrics and inputs.triggered is None:
         raise InputError(f"--objective {job.objective} / --asha-metric {job.asha_metric}: the RUN has no triggered "
