@@ -50,3 +50,31 @@ def invocations(previous: dict, script: str, argv: list[str]) -> list[str]:
     this = " ".join(["python", f"benchmarks/{script}", *argv])
     commands = previous.get("commands") or ([previous["command"]] if "command" in previous else [])
     return commands + [this] * (this not in commands)
+
+
+def defender_clean(run: Path, dataset: str, share: float, *, train_rows: int, test_rows: int,
+                   cells: Path = CELLS) -> Path:
+    """A clean set of ``share`` x ``train_rows`` rows for the defender of the cell's RUN: its dev
+    split plus rows of the packaged corpus's training split that the victim never saw (seeded,
+    no text the victim trained on); written beside the RUN, its path returned. The MBTSAD
+    paper's defender holds 20% of the clean training data; a RUN's dev split is 10%."""
+    import numpy as np
+    import pyarrow as pa
+
+    from kdshield.datasets import read_table, write_table
+
+    root = cells / f"{train_rows}-{test_rows}" / dataset
+    corpus, victim = read_table(root / "corpus" / "train.parquet"), read_table(root / "data" / "train.parquet")
+    dev = read_table(run / "data" / "dev.parquet")
+    seen, texts = set(victim.column("source_index").to_pylist()), set(victim.column("text").to_pylist())
+    unseen = [i for i, (s, t) in enumerate(zip(corpus.column("source_index").to_pylist(),
+                                               corpus.column("text").to_pylist())) if s not in seen and t not in texts]
+    need = round(share * train_rows) - dev.num_rows
+    if need > len(unseen):
+        raise SystemExit(f"{dataset}: a clean share of {share:g} needs {need} rows the victim never saw; "
+                         f"the corpus has {len(unseen)}")
+    extra = corpus.take(pa.array(np.sort(np.random.default_rng(1).choice(unseen, max(need, 0), replace=False))))
+    cols = ["text", "label", "source_index"]
+    out = run.parent / f"clean-{share:g}.parquet"
+    write_table(pa.concat_tables([dev.select(cols), extra.select(cols).cast(dev.select(cols).schema)]), out)
+    return out

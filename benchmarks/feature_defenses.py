@@ -37,9 +37,17 @@ SMOKE = {
                "n_c": 24},
     "robustkd": {"mask_epochs": 5, "distill_epochs": 1, "batch_size": 32, "max_length": 48, "n_c": 24},
 }
-FAMILY = {"ts-ft": "mbtsad", "mbtsad": "mbtsad", "robustkd": "robustkd", "feature-kd": "robustkd"}
+# Rows that are a method with settings changed (the papers' ablations of what a miss may come
+# from); "clean_share" is not a setting: the defender gets that share of the training rows as
+# clean data (the RUN's dev split, 10%, plus corpus rows the victim never saw; _cells.defender_clean).
+VARIANTS = {"robustkd-m0.1": ("robustkd", {"m": 0.1}),
+            "robustkd-lf": ("robustkd", {"mask_ce_weight": 0.0}),
+            "mbtsad-clean20": ("mbtsad", {"clean_share": 0.2})}
+FAMILY = {"ts-ft": "mbtsad", "mbtsad": "mbtsad", "robustkd": "robustkd", "feature-kd": "robustkd",
+          **{k: v[0] for k, v in VARIANTS.items()}}
 LABELS = {"none": "No defense", "ts-ft": "TS-FT", "mbtsad": "MBTSAD", "robustkd": "RobustKD",
-          "feature-kd": "plain feature KD"}
+          "feature-kd": "plain feature KD", "robustkd-m0.1": "RobustKD, m 0.1 (the paper's best)",
+          "robustkd-lf": "RobustKD, mask loss Var only (no CE)", "mbtsad-clean20": "MBTSAD, 20% clean data (the paper's)"}
 
 
 def _stages(m: dict) -> tuple[str, str]:
@@ -111,7 +119,7 @@ def main() -> None:
         args.datasets, args.attacks = args.datasets[:1], args.attacks[:1]
 
     from kdshield.config import parse_assignments
-    from _cells import SCALING, cell, invocations
+    from _cells import SCALING, cell, defender_clean, invocations
     from kdshield.trainables.defend import DefendJob, run_defend
 
     budget = {k: dict(v) for k, v in (SMOKE if args.smoke else BUDGET).items()}
@@ -144,8 +152,14 @@ def main() -> None:
             for method in args.methods:
                 if (dataset, attack, method) in done:
                     continue
-                m = run_defend(DefendJob(method=method, run=str(run), out=str(work / dataset / attack / method),
-                                         overwrite=True, params=budget[FAMILY[method]], scaling=scaling))
+                base, extra = VARIANTS.get(method, (method, {}))
+                extra = dict(extra)
+                share = extra.pop("clean_share", None)
+                clean = None if share is None else str(defender_clean(
+                    run, dataset, share, train_rows=args.train_rows, test_rows=args.test_rows))
+                m = run_defend(DefendJob(method=base, run=str(run), clean=clean,
+                                         out=str(work / dataset / attack / method), overwrite=True,
+                                         params={**budget[FAMILY[method]], **extra}, scaling=scaling))
                 if method == "mbtsad" and "ts_ft" in m and "ts-ft" not in args.methods \
                         and (dataset, attack, "ts-ft") not in done:
                     ts = {**m["ts_ft"], "seconds": m["stage_seconds"].get("ts_ft"),

@@ -94,7 +94,36 @@ def test_bad_space_file_shapes(tmp_path):
     with pytest.raises(InputError, match="no such search-space file"):
         load_space("bedkd", tmp_path / "missing.yaml")
     with pytest.raises(InputError, match="no search space registered"):
-        load_space("w2s")
+        load_space("no-such-method")
+
+
+def test_a_cached_stage_is_keyed_by_what_its_loss_computes_not_by_its_repr():
+    """Trials share a cached stage only when it would compute the same thing. RobustKD's mask
+    losses that differ only in their variance weight, or in the clean features their masks start
+    from, print alike but must not share; distillation connectors differing only in m neither.
+    Losses built alike describe alike, so trials that agree do share."""
+    import torch
+
+    from kdshield.defenses.robustkd import Connectors, Detox, DetoxLoss, FeatureKDLoss
+    from kdshield.trainables.stage_cache import describe_loss
+
+    head = torch.nn.Linear(4, 2)
+
+    def mask_loss(p, var_weight=1.0):
+        return DetoxLoss(Detox(p, 0.2, "additive", head), [2], var_weight=var_weight)
+
+    def distill_loss(m):
+        return FeatureKDLoss(Connectors(1, 4, 4, p=torch.ones(1, 4), m=m), [2], [1], "encoder")
+
+    p = torch.zeros(1, 4)
+    base = describe_loss(mask_loss(p))
+    assert describe_loss(mask_loss(p.clone())) == base
+    assert repr(mask_loss(p + 1)) == repr(mask_loss(p)) and repr(mask_loss(p, 0.5)) == repr(mask_loss(p))
+    assert describe_loss(mask_loss(p + 1)) != base
+    assert describe_loss(mask_loss(p, var_weight=0.5)) != base
+    assert describe_loss(distill_loss(0.1)) == describe_loss(distill_loss(0.1))
+    assert repr(distill_loss(0.1)) == repr(distill_loss(0.2))
+    assert describe_loss(distill_loss(0.1)) != describe_loss(distill_loss(0.2))
 
 
 # ----------------------------------------------------------------------------- a tiny RUN
@@ -179,6 +208,21 @@ def test_tune_refuses_a_bad_space_file_before_ray(tiny_run, tmp_path, capsys, no
     code = main(_tune_args(tiny_run, tmp_path / "out", _space(tmp_path, bad)))
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "log scale needs low > 0" in line
+
+
+def test_tune_checks_model_dependent_settings_of_every_trial_before_ray(tiny_run, tmp_path, capsys, no_ray):
+    """Whether a RobustKD student fits depends on the suspect model: a space one of whose choices
+    is a student with another tokenizer (tiny-llama for a tiny-bert suspect) is refused before
+    the search starts, not in the trial that draws it."""
+    space = _space(tmp_path, {"method": "robustkd", "params": {
+        "distill_epochs": {"type": "int", "low": 1, "high": 2},
+        "student": {"type": "categorical", "choices": ["copy", "tiny-llama"]}}})
+    args = _tune_args(tiny_run, tmp_path / "out", space)
+    args[args.index("--method") + 1] = "robustkd"
+    assert main(args) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("kdshield: error:") and "tokenizer" in line, line
+    assert not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------- the search
@@ -309,6 +353,51 @@ def test_search_killed_and_resumed_shares_the_dmm_and_reports(tiny_run, tmp_path
         for a, b in zip(epochs, again["history"][stage]):
             terms = sorted(k for k in b if k.split("/")[-1] in ("loss", "ce", "kl", "mse"))
             assert terms and {k: b[k] for k in terms} == pytest.approx({k: a[k] for k in terms}, rel=1e-4, abs=1e-6)
+
+
+ROBUSTKD_SPACE = {"method": "robustkd",
+                  "params": {"feature_weight": {"type": "float", "low": 0.5, "high": 2.0},
+                             "distill_lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-3, "log": True}},
+                  "fixed": {"m": 0.2, "mask_epochs": 2, "distill_epochs": 2, "batch_size": 8, "max_length": 16}}
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_a_robustkd_search_shares_its_mask_stage_and_reports_every_distillation_epoch(tiny_run, tmp_path, ray_local,
+                                                                                       capsys):
+    """Every defense is searchable through the same hooks, not only BeDKD. Both trials of this
+    RobustKD search agree on the mask settings, so the mask stage trains once and the other
+    trial reads it from the stage cache; Tune hears of every epoch of the distillation (the
+    stage training the defended student); the best configuration re-runs through
+    ``defend --config`` to the trial's result, epoch by epoch."""
+    out = tmp_path / "search"
+    args = _tune_args(tiny_run, out, _space(tmp_path, ROBUSTKD_SPACE))
+    args[args.index("--method") + 1] = "robustkd"
+    assert main(args) == 0
+    results = _results(out)
+    assert len(results) == 2
+    events = [json.loads(line) for line in (out / "cache" / "events.jsonl").read_text().splitlines()]
+    hits = {name: [e["hit"] for e in events if e["kind"] == "stage" and e.get("stage") == name]
+            for name in ("mask", "distill")}
+    assert sorted(hits["mask"]) == [False, True]
+    assert hits["distill"] == [False, False]  # the trials differ in their distillation settings
+    for progress in (out / "tune").glob("run_trial_*/result.json"):
+        reports = [json.loads(line) for line in progress.read_text().splitlines()]
+        assert [r["final"] for r in reports] == [0, 0, 1]  # two distillation epochs, then the result
+        assert [r["training_iteration"] for r in reports] == [1, 2, 3]
+
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    best = yaml.safe_load((out / "best.yaml").read_text())
+    best_id = next(t for t in results if results[t]["params"] == best["params"])
+    assert main(["defend", "--config", str(out / "best.yaml"), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    assert again["cacc"] == pytest.approx(results[best_id]["report"]["cacc"])
+    ran = json.loads((out / "trials" / best_id / "defend" / "metrics.json").read_text())["history"]
+    assert set(ran) == set(again["history"]) == {"mask", "distill"}
+    for stage, epochs in ran.items():
+        assert [e["clean/loss"] for e in again["history"][stage]] == \
+            pytest.approx([e["clean/loss"] for e in epochs], rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- a trial killed

@@ -1,7 +1,7 @@
 """Search spaces of the defenses, one per method: code (this registry) plus editable YAML.
 
-A space file (``bedkd.yaml``, ``ft.yaml``, ``kd.yaml`` beside this module are the packaged
-defaults; ``kdshield tune --space FILE`` takes a user's copy) reads::
+A space file (``<method>.yaml`` beside this module, one per defense, are the packaged defaults;
+``kdshield tune --space FILE`` takes a user's copy) reads::
 
     method: bedkd
     params:                       # what the search varies
@@ -12,7 +12,9 @@ defaults; ``kdshield tune --space FILE`` takes a user's copy) reads::
     fixed:                        # settings every trial gets unchanged
       punish: bounded
 
-Every name is a field of the method's settings class (``BeDKDConfig`` for bedkd/ft/kd) or one
+Every name is a field of the method's settings class (``BeDKDConfig`` for bedkd/ft/kd,
+``MBTSADConfig`` for mbtsad/ts-ft, ``RobustKDConfig`` for robustkd/feature-kd, ``W2SConfig``
+for w2s/lora-ft) or one
 of the method's *derived* knobs (BeDKD: ``nc_np_ratio``, which sets ``n_p = round(n_c /
 nc_np_ratio)``). :func:`load_space` validates a file completely before anything runs: unknown
 names, ``low >= high``, ``log`` with ``low <= 0``, a bound or choice the settings class refuses,
@@ -75,11 +77,20 @@ class MethodInfo:
 
 
 _BEDKD_CONFIG = "kdshield.defenses.bedkd:BeDKDConfig"
+_MBTSAD_CONFIG = "kdshield.defenses.mbtsad:MBTSADConfig"
+_ROBUSTKD_CONFIG = "kdshield.defenses.robustkd:RobustKDConfig"
+_W2S_CONFIG = "kdshield.defenses.w2s:W2SConfig"
 METHODS: dict[str, MethodInfo] = {
     "bedkd": MethodInfo("bedkd", _BEDKD_CONFIG, ("akd",), {
         "nc_np_ratio": Derived("n_p = round(n_c / nc_np_ratio)", ("n_p",), _nc_np_ratio, low_exclusive=0.0)}),
     "ft": MethodInfo("ft", _BEDKD_CONFIG, ("ft",)),
     "kd": MethodInfo("kd", _BEDKD_CONFIG, ("kd",)),
+    "mbtsad": MethodInfo("mbtsad", _MBTSAD_CONFIG, ("distill",)),
+    "ts-ft": MethodInfo("ts-ft", _MBTSAD_CONFIG, ("ts_ft",)),
+    "robustkd": MethodInfo("robustkd", _ROBUSTKD_CONFIG, ("distill",)),
+    "feature-kd": MethodInfo("feature-kd", _ROBUSTKD_CONFIG, ("distill",)),
+    "w2s": MethodInfo("w2s", _W2S_CONFIG, ("student",)),
+    "lora-ft": MethodInfo("lora-ft", _W2S_CONFIG, ("lora_ft",)),
 }
 
 

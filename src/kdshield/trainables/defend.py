@@ -121,6 +121,15 @@ def resolve_inputs(job: DefendJob) -> Inputs:
                   num_labels=num_labels)
 
 
+def check_model_settings(job: DefendJob, inputs: Inputs) -> None:
+    """The settings that depend on the suspect model (layer indices, student size, tokenizers,
+    attention, LoRA targets), checked before any Ray work; InputError otherwise."""
+    if job.method in defend_feature.RECIPES:
+        defend_feature.check(job, inputs)
+    elif job.method in defend_w2s.RECIPES:
+        defend_w2s.check(job, inputs)
+
+
 def warn_if_headless(inputs: Inputs) -> None:
     """A suspect model that is not a trained classifier for the data's labels (a base model given
     by mistake) is defended with a fresh head from a fixed seed: its before/after numbers measure
@@ -187,31 +196,55 @@ class Defense:
         self.stage_seconds["teacher_cache"] = self.stage_seconds.get("teacher_cache", 0.0) + time.perf_counter() - t0
         return out
 
-    def train(self, name: str, source: str, phases, streams: dict, *, epochs: int, lr: float, teacher: str | None):
-        from kdshield.trainables.engine import run_stage
-        from kdshield.trainables.stage import EpochEval, ModelSpec, Stage
+    def stage(self, name: str, model, phases, *, epochs: int, lr: float, batch_size: int | None = None,
+              pad_ids: dict | None = None, padding_side=None, **fields):
+        """A :class:`~kdshield.trainables.stage.Stage` of this job: its config's batch size,
+        max length and seed, its tokenizer's padding, no warm-up; ``fields`` for the rest
+        (``live_teacher``, ``live_teacher_outputs``)."""
+        from kdshield.trainables.stage import Stage
 
-        c, hooks = self.config, self.hooks
-        evals = tuple(EpochEval(s) for s in hooks.eval_streams) if name in hooks.eval_stages else ()
-        live = ModelSpec(teacher, self.inputs.num_labels) if teacher and self.job.teacher_outputs == "live" else None
-        stage = Stage(name=name, model=ModelSpec(source=source, num_labels=self.inputs.num_labels),
-                      phases=tuple(phases), pad_ids=self.pad, padding_side=self.padding_side, live_teacher=live,
-                      evals=evals,
-                      train=TrainSettings(epochs=epochs, lr=lr, batch_size=c.batch_size, max_length=c.max_length,
-                                          warmup_ratio=0.0, seed=c.seed))
-        say(f"stage {name}: {epochs} epoch(s) over {', '.join(f'{k} ({v.count()} rows)' for k, v in streams.items())}")
-        all_streams = {**streams, **(hooks.eval_streams if evals else {})}
+        c = self.config
+        return Stage(name=name, model=model, phases=tuple(phases), pad_ids=self.pad if pad_ids is None else pad_ids,
+                     padding_side=self.padding_side if padding_side is None else padding_side,
+                     train=TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size or c.batch_size,
+                                         max_length=c.max_length, warmup_ratio=0.0, seed=c.seed), **fields)
+
+    def run_stage(self, stage, streams: dict):
+        """Every stage of every recipe runs here, on the one engine, so the caller's hooks apply
+        to all of them: per-epoch evaluation of the stages that train the defended model, the
+        shared stage cache, named resumable runs and Ray Train callbacks. Records the stage's
+        seconds and history; returns its :class:`~kdshield.trainables.engine.StageResult`."""
+        import dataclasses
+
+        from kdshield.trainables.engine import run_stage
+        from kdshield.trainables.stage import EpochEval
+
+        hooks = self.hooks
+        say(f"stage {stage.name}: {stage.train.epochs} epoch(s) over "
+            f"{', '.join(f'{k} ({v.count()} rows)' for k, v in streams.items())}")
+        if stage.name in hooks.eval_stages and hooks.eval_streams and stage.model is not None:
+            stage = dataclasses.replace(stage, evals=tuple(EpochEval(s) for s in hooks.eval_streams))
+            streams = {**streams, **hooks.eval_streams}
 
         def run():
             if hooks.stage_runs is not None:  # named, resumable runs (a retried Tune trial resumes them)
-                return hooks.stage_runs.run(stage, all_streams, self.job.scaling, callbacks=hooks.callbacks)
-            return run_stage(stage, all_streams, self.job.scaling, storage=self.work / "ray",
-                             callbacks=hooks.callbacks)
+                return hooks.stage_runs.run(stage, streams, self.job.scaling, callbacks=hooks.callbacks)
+            return run_stage(stage, streams, self.job.scaling, storage=self.work / "ray", callbacks=hooks.callbacks)
 
-        result = hooks.cache.stage(stage, all_streams, self.job.scaling, run) if hooks.cache else run()
-        self.stage_seconds[name] = result.seconds
-        self.history[name] = result.history
-        return str(result.model_dir)
+        result = hooks.cache.stage(stage, streams, self.job.scaling, run) if hooks.cache else run()
+        self.stage_seconds[stage.name] = result.seconds
+        self.history[stage.name] = result.history
+        return result
+
+    def train(self, name: str, source: str, phases, streams: dict, *, epochs: int, lr: float, teacher: str | None):
+        """A copy of the model at ``source`` trained by ``phases`` (BeDKD's stages); with
+        ``--teacher-outputs live``, the frozen ``teacher`` runs at every step. Its directory."""
+        from kdshield.trainables.stage import ModelSpec
+
+        live = ModelSpec(teacher, self.inputs.num_labels) if teacher and self.job.teacher_outputs == "live" else None
+        model = ModelSpec(source=source, num_labels=self.inputs.num_labels)
+        return str(self.run_stage(self.stage(name, model, phases, epochs=epochs, lr=lr, live_teacher=live),
+                                  streams).model_dir)
 
     def logits(self, stream, model_dir: str) -> np.ndarray:
         from kdshield.trainables.inference import predict_logits
@@ -395,10 +428,7 @@ def run_defend(job: DefendJob, hooks=None) -> dict:
         return json.loads((out / "metrics.json").read_text())
     inputs = resolve_inputs(job)
     warn_if_headless(inputs)
-    if job.method in defend_feature.RECIPES:
-        defend_feature.check(job, inputs)  # model-dependent settings, still before any Ray work
-    elif job.method in defend_w2s.RECIPES:
-        defend_w2s.check(job, inputs)
+    check_model_settings(job, inputs)
     connect(job.scaling.address)
     with staged(out) as work:
         defense = Defense(job, inputs, work, hooks)

@@ -51,19 +51,10 @@ def configs() -> dict[str, type]:
 
 def _stage(d: Defense, name: str, model, phases, streams: dict, *, epochs: int, lr: float,
            live_teacher=None, live_outputs: tuple[str, ...] = ()) -> StageResult:
-    from kdshield.config import TrainSettings
-    from kdshield.trainables.engine import run_stage
-    from kdshield.trainables.stage import Stage
-
-    c = d.config
-    stage = Stage(name=name, model=model, phases=tuple(phases), pad_ids=d.pad, padding_side=d.padding_side,
-                  live_teacher=live_teacher, live_teacher_outputs=tuple(live_outputs) or ("logits",),
-                  train=TrainSettings(epochs=epochs, lr=lr, batch_size=c.batch_size, max_length=c.max_length,
-                                      warmup_ratio=0.0, seed=c.seed))
-    say(f"stage {name}: {epochs} epoch(s) over {', '.join(f'{k} ({v.count()} rows)' for k, v in streams.items())}")
-    result = run_stage(stage, streams, d.job.scaling, storage=d.work / "ray")
-    d.stage_seconds[name] = result.seconds
-    d.history[name] = result.history
+    """One stage through :meth:`Defense.run_stage`, plus its peak worker memory."""
+    stage = d.stage(name, model, phases, epochs=epochs, lr=lr, live_teacher=live_teacher,
+                    live_teacher_outputs=tuple(live_outputs) or ("logits",))
+    result = d.run_stage(stage, streams)
     peaks = [h.get("peak_rss_mb") for h in result.history if h.get("peak_rss_mb") is not None]
     if peaks:
         d.stage_peak_mb = {**getattr(d, "stage_peak_mb", {}), name: max(peaks)}
@@ -337,8 +328,10 @@ def _feature_kd(d: Defense, *, mask: bool) -> tuple[str, dict]:
             f"{info['mask']['var_after'][-1]:.4f}; teacher head on clean features "
             f"{info['mask']['head_acc_before']:.1f}% -> {info['mask']['head_acc_after']:.1f}%")
     family = model_family(load_config(plan.source))
-    connectors = Connectors(len(plan.teacher_layers), plan.student_width, plan.teacher_width, p=p, m=c.m,
-                            form=c.detox)
+    with torch.random.fork_rng(devices=[]):  # connectors of unequal widths start the same in every run
+        torch.manual_seed(c.seed)
+        connectors = Connectors(len(plan.teacher_layers), plan.student_width, plan.teacher_width, p=p, m=c.m,
+                                form=c.detox)
     loss = FeatureKDLoss(connectors, plan.teacher_layers, plan.student_layers, family,
                          feature_weight=c.feature_weight, ce_weight=c.ce_weight)
     student = ModelSpec(plan.source, i.num_labels, keep_layers=plan.keep_layers, init=plan.init)

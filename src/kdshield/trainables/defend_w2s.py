@@ -129,19 +129,11 @@ def check(job: DefendJob, inputs: Inputs) -> None:
 
 def _run(d: Defense, name: str, model, loss, stream, *, epochs: int, lr: float, batch_size: int,
          pad: dict, side) -> StageResult:
-    from kdshield.config import TrainSettings
-    from kdshield.trainables.engine import run_stage
-    from kdshield.trainables.stage import Phase, Stage
+    from kdshield.trainables.stage import Phase
 
-    c = d.config
-    stage = Stage(name=name, model=model, phases=(Phase("clean", loss),), pad_ids=pad, padding_side=side,
-                  train=TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size, max_length=c.max_length,
-                                      warmup_ratio=0.0, seed=c.seed))
-    say(f"stage {name}: {epochs} epoch(s) over clean ({stream.count()} rows)")
-    result = run_stage(stage, {"clean": stream}, d.job.scaling, storage=d.work / "ray")
-    d.stage_seconds[name] = result.seconds
-    d.history[name] = result.history
-    return result
+    stage = d.stage(name, model, (Phase("clean", loss),), epochs=epochs, lr=lr, batch_size=batch_size,
+                    pad_ids=pad, padding_side=side)
+    return d.run_stage(stage, {"clean": stream})
 
 
 def _memory(result: StageResult) -> dict[str, Any]:

@@ -7,10 +7,12 @@ every such piece of work by a hash of *everything it depends on* and stores its 
 ``ROOT/<kind>/<key>`` so that any process (every Tune trial runs in its own) finds it:
 
 - **stage** (:meth:`StageCache.stage`): the key is the stage spec (content hash of the model
-  it starts from, the fingerprints of its streams, each phase's stream and loss ``repr``, the
-  training settings, padding, the scaling knobs that change numerics: workers, ZeRO, bf16).
-  Stored: the trained HF directory and the epoch history. Per-epoch evaluations
-  (``Stage.evals``) are not part of the key: they observe, they do not train.
+  it starts from, the fingerprints of its streams, each phase's stream and loss (every
+  attribute, and the content of the loss's own module: :func:`describe_loss`), the training
+  settings, padding, the scaling knobs that change numerics: workers, ZeRO, bf16). Stored: the
+  trained HF directory, the losses' trained modules, a LoRA adapter, and the epoch history.
+  Per-epoch evaluations (``Stage.evals``) are not part of the key: they observe, they do not
+  train.
 - **teacher** (:meth:`StageCache.teacher`): a stream plus a frozen model's output columns
   (Parquet, Ray's tensor columns round-trip), keyed by stream fingerprint + model hash.
 - **logits** (:meth:`StageCache.logits`): a model's logits on a stream (``.npy``, no pickle).
@@ -44,13 +46,52 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
-VERSION = "kdshield-stage-cache-1"
+VERSION = "kdshield-stage-cache-2"  # 2: losses described by content
 KINDS = ("stage", "teacher", "logits", "stream")
 
 
 def _digest(*parts: Any) -> str:
     blob = json.dumps([VERSION, *parts], sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def _tensor_bytes(t) -> bytes:
+    import torch
+
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return f"{t.dtype}{tuple(t.shape)}".encode() + flat.view(torch.uint8).numpy().tobytes()
+
+
+def module_hash(module) -> str:
+    """Hash of a module's structure, plain attributes (a mask threshold, a form) and every
+    parameter and buffer: what a loss's own module (masks initialised from data, connectors, a
+    projection head) contributes to a stage's result, which its repr does not show."""
+    h = hashlib.sha256(repr(module).encode())
+    for name, sub in module.named_modules():
+        plain = {k: repr(v) for k, v in vars(sub).items() if not k.startswith("_") and k != "training"}
+        h.update(json.dumps([name, plain], sort_keys=True).encode())
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode() + _tensor_bytes(tensor))
+    return h.hexdigest()[:32]
+
+
+def describe_loss(loss) -> dict[str, Any]:
+    """A stage loss by everything that sets its numbers: its type, every public attribute (its
+    weights, temperatures, layers) and its own module's content (:func:`module_hash`), so two
+    stages share a cache entry only when their losses compute the same thing."""
+    import torch
+
+    out: dict[str, Any] = {"type": f"{type(loss).__module__}.{type(loss).__qualname__}"}
+    for key, value in sorted(vars(loss).items()):
+        if key.startswith("_"):
+            continue  # per-call scratch state (e.g. captured attention maps)
+        if isinstance(value, torch.nn.Module):
+            out[key] = module_hash(value)
+        elif isinstance(value, torch.Tensor):
+            out[key] = hashlib.sha256(_tensor_bytes(value)).hexdigest()[:32]
+        else:
+            out[key] = repr(value)
+    return out
 
 
 def table_fingerprint(table: pa.Table) -> str:
@@ -202,7 +243,7 @@ class StageCache:
             return {**{f.name: repr(getattr(value, f.name)) for f in dataclasses.fields(value)},
                     "source": self.model_hash(value.source)}
         if isinstance(value, Phase):
-            return [value.stream, value.label, repr(value.loss)]
+            return [value.stream, value.label, describe_loss(value.loss)]
         if hasattr(value, "model_dump"):
             return value.model_dump(mode="json")
         if isinstance(value, (list, tuple)):
@@ -240,10 +281,14 @@ class StageCache:
                 extras = getattr(result, "extras_path", None)
                 if extras is not None:
                     shutil.copy2(extras, tmp / Path(extras).name)
+                adapter = getattr(result, "adapter_dir", None)
+                if adapter is not None:
+                    shutil.copytree(adapter, tmp / "adapter")
                 (tmp / "result.json").write_text(json.dumps(
                     {"stage": stage.name, "metrics": result.metrics, "history": result.history,
                      "seconds": result.seconds, "has_model": result.model_dir is not None,
-                     "extras": Path(extras).name if extras is not None else None}, default=str))
+                     "extras": Path(extras).name if extras is not None else None,
+                     "has_adapter": adapter is not None}, default=str))
                 _publish(tmp, final)
                 template = result
             record = json.loads((final / "result.json").read_text())
@@ -257,8 +302,11 @@ class StageCache:
             self._known_model(model_dir, key)
         changes = {"model_dir": model_dir, "metrics": record["metrics"], "history": record["history"],
                    "seconds": 0.0 if hit else record["seconds"], "checkpoint_path": final}
-        if record.get("extras") and "extras_path" in {f.name for f in dataclasses.fields(template)}:
+        fields = {f.name for f in dataclasses.fields(template)}
+        if record.get("extras") and "extras_path" in fields:
             changes["extras_path"] = final / record["extras"]
+        if record.get("has_adapter") and "adapter_dir" in fields:
+            changes["adapter_dir"] = final / "adapter"
         self._count("stage", key, hit, stage=stage.name, seconds=record["seconds"])
         return dataclasses.replace(template, **changes)
 

@@ -156,13 +156,17 @@ def validate(job: TuneJob):
     """Everything that can be checked without Ray; returns (space, defend template, identity)."""
     from kdshield.defenses.bedkd import BeDKDConfig
     from kdshield.search_spaces import load_space
-    from kdshield.trainables.defend import DefendJob, resolve_inputs, warn_if_headless
+    from kdshield.trainables.defend import DefendJob, check_model_settings, resolve_inputs, warn_if_headless
 
     space = load_space(job.method, job.space, fixed=job.fixed)
     probe = parse_settings(BeDKDConfig, {**_probe_defaults(space), **job.probe}, source="tune probe settings")
     template = DefendJob(method=job.method, run=job.run, out=str(Path(job.out) / "unused"), scaling=job.scaling)
     inputs = resolve_inputs(template)
     warn_if_headless(inputs)
+    for name, p in space.params.items():  # the model-dependent checks, at every range end
+        for value in p.values_to_check():
+            sampled = {**{n: q.first() for n, q in space.params.items()}, name: value}
+            check_model_settings(template.model_copy(update={"params": space.settings(sampled)}), inputs)
     metrics = set(OBJECTIVES[job.objective][0]) | ({job.asha_metric} if job.scheduler == "asha" else set())
     if "asr" in metrics and inputs.triggered is None:
         raise InputError(f"--objective {job.objective} / --asha-metric {job.asha_metric}: the RUN has no triggered "
@@ -176,9 +180,12 @@ def validate(job: TuneJob):
 
 
 def _probe_defaults(space) -> dict[str, Any]:
-    """The probe runs BeDKD's DMM at the space's fixed settings where they are BeDKD fields."""
+    """The probe runs BeDKD's DMM at the space's fixed settings where they are BeDKD fields (for
+    bedkd, ft and kd; the other methods' settings mean other things and leave the probe alone)."""
     from kdshield.defenses.bedkd import BeDKDConfig
 
+    if space.info.config_class() is not BeDKDConfig:
+        return {}
     keep = set(BeDKDConfig.model_fields) - {"gamma", "target_frr", "n_p"}
     return {k: v for k, v in space.fixed.items() if k in keep}
 
