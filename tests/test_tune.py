@@ -373,6 +373,9 @@ def test_a_robustkd_search_shares_its_mask_stage_and_reports_every_distillation_
     out = tmp_path / "search"
     args = _tune_args(tiny_run, out, _space(tmp_path, ROBUSTKD_SPACE))
     args[args.index("--method") + 1] = "robustkd"
+    # the probe (a BeDKD DMM on the suspect model, for the trigger-free score) gets a tiny budget too
+    for setting in ("dmm_epochs=1", "n_c_dmm=4", "batch_size=8", "max_length=16"):
+        args += ["--probe-set", setting]
     assert main(args) == 0
     results = _results(out)
     assert len(results) == 2
