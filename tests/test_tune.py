@@ -661,3 +661,25 @@ def test_a_resumed_searcher_ignores_reports_of_trials_the_study_finished(tmp_pat
     searcher.on_trial_complete("t0", {"m": 2.0})
     (trial,) = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
     assert trial.value == 1.0 and trial.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_a_ray_dataset_stream_bypasses_the_table_cache(monkeypatch):
+    """MBTSAD's token-split data is a Ray Dataset, not an Arrow table: in a search (a stage
+    cache present) it is tokenised as it streams instead of being fingerprinted as a table,
+    which failed every MBTSAD trial; Arrow tables still go through the cache."""
+    from types import SimpleNamespace
+
+    import kdshield.trainables.attack
+    from kdshield.trainables.defend import Defense
+
+    class Cache:
+        def stream(self, table, tokenizer_dir, max_length, build):
+            return ("cached", build())
+
+    monkeypatch.setattr(kdshield.trainables.attack, "tokenized_stream", lambda table, *a, **k: ("built", table))
+    d = SimpleNamespace(hooks=SimpleNamespace(cache=Cache()), inputs=SimpleNamespace(model_dir="m"),
+                        config=SimpleNamespace(max_length=16))
+    dataset = object()  # stands for a ray.data.Dataset
+    assert Defense.stream(d, dataset) == ("built", dataset)
+    table = pa.table({"text": ["a"], "label": [0]})
+    assert Defense.stream(d, table) == ("cached", ("built", table))

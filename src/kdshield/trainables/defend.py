@@ -173,7 +173,9 @@ class Defense:
         def build():
             return tokenized_stream(table, self.inputs.model_dir, self.config.max_length)
 
-        cache = self.hooks.cache
+        # streams of Arrow tables are shared through the cache; a Ray Dataset (MBTSAD's token-split
+        # transform) is tokenised as it streams, and stages fingerprint it by content
+        cache = self.hooks.cache if isinstance(table, pa.Table) else None
         return cache.stream(table, self.inputs.model_dir, self.config.max_length, build) if cache else build()
 
     def with_teacher(self, stream, teacher_dir: str):
