@@ -167,7 +167,7 @@ class Defense:
         self.stage_seconds: dict[str, float] = {}
         self.history: dict[str, list] = {}
 
-    def stream(self, table: pa.Table):
+    def stream(self, table):
         from kdshield.trainables.attack import tokenized_stream
 
         def build():
