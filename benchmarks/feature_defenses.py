@@ -63,14 +63,18 @@ def row(dataset: str, attack: str, method: str, m: dict) -> dict:
            "ASR %": m.get("asr"), "seconds": m.get("seconds"), "stage seconds": secs, "stage peak RSS MB": peaks}
     if "compression" in m:
         out["compression"] = round(m["compression"], 3)
+    if "mask" in m:  # last chosen layer's Var(F'): raw teacher / p at its initial value / trained mask
+        v = m["mask"]
+        out["last-layer Var"] = " / ".join(f"{v[k][-1]:.3f}" if k in v else "-"
+                                           for k in ("var_before", "var_init", "var_after"))
     return out
 
 
 def render(rows: list[dict], budget: dict, commands: list[str], smoke: bool) -> str:
     from kdshield.evaluation import markdown_table
 
-    cols = ["dataset", "attack", "method", "CACC %", "ASR %", "compression", "seconds", "stage seconds",
-            "stage peak RSS MB"]
+    cols = ["dataset", "attack", "method", "CACC %", "ASR %", "compression", "last-layer Var", "seconds",
+            "stage seconds", "stage peak RSS MB"]
     by_cell: dict[tuple, dict] = {}
     for r in rows:
         by_cell.setdefault((r["dataset"], r["attack"]), {})[r["key"]] = r
@@ -92,7 +96,8 @@ def render(rows: list[dict], budget: dict, commands: list[str], smoke: bool) -> 
             f"`{json.dumps(budget)}`; poison rate 10% dirty-label, target label 1; the defender's clean data "
             "is the RUN's dev split. `stage seconds` / `stage peak RSS MB`: per stage (peak RSS of rank 0's Ray "
             "Train worker process; teacher caching and evaluation run in Ray Data actors and are timed, "
-            "not measured for memory).\n\n"
+            "not measured for memory). `last-layer Var`: RobustKD's Var(F') of the last chosen teacher layer on "
+            "the clean data, raw / with p at its initial value (the mean clean feature) / after the mask stage.\n\n"
             + markdown_table(rows, cols)
             + "\n\nTargets: MBTSAD ASR <= 15% with CACC drop <= 2 points; RobustKD ASR <= 10% with CACC within "
               "4 points of plain feature KD.\n\n" + "\n".join(verdicts) + "\n")

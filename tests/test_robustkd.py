@@ -255,7 +255,8 @@ def test_robustkd_end_to_end_on_tiny_bert(tmp_path, capsys, ray_local):
     # so its variance term alone need not fall: see test_optimising_the_mask_lowers_the_variance)
     history = metrics["history"]["mask"]
     assert len(history) == 4 and history[-1]["clean/loss"] < history[0]["clean/loss"]
-    assert len(metrics["mask"]["var_before"]) == len(metrics["teacher_layers"]) == 1
-    assert metrics["mask"]["var_after"] != metrics["mask"]["var_before"]  # the learned p was read back
+    var = metrics["mask"]
+    assert len(var["var_before"]) == len(var["var_init"]) == len(metrics["teacher_layers"]) == 1
+    assert var["var_after"] != var["var_init"] != var["var_before"]  # p's start adds to F; the learned p was read back
     assert len(metrics["history"]["distill"]) == 2
     assert set(metrics["stage_seconds"]) >= {"teacher_cache", "mask", "distill"}

@@ -320,12 +320,15 @@ def _feature_kd(d: Defense, *, mask: bool) -> tuple[str, dict]:
         with torch.no_grad():
             y = torch.from_numpy(labels)
             after = detoxify(chosen, p, c.m, c.detox)
-            info["mask"] = {
-                "var_before": feature_variance(chosen).tolist(), "var_after": feature_variance(after).tolist(),
+            info["mask"] = {  # Var(F') of the raw features, at p's initial value, and after the mask stage
+                "var_before": feature_variance(chosen).tolist(),
+                "var_init": feature_variance(detoxify(chosen, chosen.mean(0), c.m, c.detox)).tolist(),
+                "var_after": feature_variance(after).tolist(),
                 "head_acc_before": float(100 * (head(chosen[:, -1]).argmax(-1) == y).float().mean()),
                 "head_acc_after": float(100 * (head(after[:, -1]).argmax(-1) == y).float().mean())}
-        say(f"mask: feature variance of the last layer {info['mask']['var_before'][-1]:.4f} -> "
-            f"{info['mask']['var_after'][-1]:.4f}; teacher head on clean features "
+        say(f"mask: feature variance of the last layer {info['mask']['var_before'][-1]:.4f} (raw), "
+            f"{info['mask']['var_init'][-1]:.4f} (p at its initial value) -> "
+            f"{info['mask']['var_after'][-1]:.4f} (trained); teacher head on clean features "
             f"{info['mask']['head_acc_before']:.1f}% -> {info['mask']['head_acc_after']:.1f}%")
     family = model_family(load_config(plan.source))
     with torch.random.fork_rng(devices=[]):  # connectors of unequal widths start the same in every run
