@@ -113,3 +113,19 @@ def test_killed_worker_resumes_from_checkpoint(tiny_stream, tmp_path):
     assert result.metrics["start_epoch"] >= 1  # the last attempt started from a checkpoint
     assert int((pid_dir / "rank1.pid").read_text().split()[0]) != killed[0]  # a new process finished it
     assert accuracy(result.model_dir, tok) >= 0.9
+
+
+def test_the_cpu_engine_skips_deepspeeds_shared_memory_op_build(monkeypatch):
+    """DeepSpeed's CPU backend would g++-compile its shared-memory all-reduce op (tens of seconds
+    on a fresh machine) at every engine start that finds no cached build; training never calls it."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    from kdshield.trainables.engine import _skip_shm_comm_build
+
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip("DeepSpeed's accelerator here is not the CPU one")
+    monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", {"deepspeed_shm_comm": True}, raising=False)
+    _skip_shm_comm_build()
+    assert build_shm_op() is None

@@ -184,6 +184,19 @@ def _quiet_report_log() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
+def _skip_shm_comm_build() -> None:
+    """On DeepSpeed's CPU accelerator, its communication backend JIT-compiles a shared-memory
+    all-reduce op with g++ when it starts (tens of seconds on a fresh machine, again whenever
+    another environment rebuilt the shared cache). Only DeepSpeed's tensor-parallel inference
+    calls that op; training reduces through torch.distributed (gloo), so the build is skipped by
+    marking the op incompatible, which ``deepspeed.comm.torch.build_shm_op`` checks first."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
+
+
 def _train_worker(config: dict[str, Any]) -> None:
     """Runs inside every Ray Train worker."""
     import deepspeed
@@ -195,6 +208,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     from kdshield.models import load_classifier
 
     _quiet_report_log()
+    _skip_shm_comm_build()
     stage: Stage = config["stage"]
     scaling: ScalingSettings = config["scaling"]
     train = stage.train
