@@ -358,3 +358,11 @@ def test_pad_collate_refuses_misaligned_hidden_seq():
              "teacher_hidden_seq": _object_rows(np.ones((2, 2)), np.ones((1, 2)))}
     with pytest.raises(InputError, match="positions"):
         pad_collate(batch, pad_ids={"input_ids": 0})
+
+
+def test_the_demo_budget_is_a_valid_bedkd_config():
+    """`kdshield demo` defends only after a four-minute attack: its BeDKD settings must hold."""
+    from kdshield.demo import DEMO_BEDKD
+
+    config = BeDKDConfig(**DEMO_BEDKD)
+    assert config.gamma is not None and config.n_c_dmm <= config.n_c

@@ -16,8 +16,11 @@ from kdshield.trainables.runs import say
 
 DEMO_TRAIN_ROWS = 1600
 DEMO_TEST_ROWS = 500
-DEMO_BEDKD = {"n_c_dmm": 80, "n_c": 80, "n_p": 32, "dmm_epochs": 12, "akd_cycles": 6, "punish_passes": 4,
-              "max_length": 48}
+DEMO_MAX_LENGTH = 40  # tokens: 85% of the snippets fit; batches pad to the cap, so it sets the cost
+# The authors' DMM budget (n_c 80/class, 20 epochs): with 12 epochs the poisoned samples' MEPD sat at
+# 0.12-0.17, above the default gamma 0.1, and nothing was identified (measured; see README).
+DEMO_BEDKD = {"n_c_dmm": 80, "n_c": 80, "n_p": 32, "dmm_epochs": 20, "akd_cycles": 6, "punish_passes": 4,
+              "max_length": DEMO_MAX_LENGTH}
 
 
 def subset(table: pa.Table, rows: int, seed: int) -> pa.Table:
@@ -52,10 +55,12 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
 
 def run_demo(out: str = "kdshield-demo", *, overwrite: bool = False) -> dict:
     from kdshield.datasets import build_corpus, read_table, write_table
+    from kdshield.defenses.bedkd import BeDKDConfig
     from kdshield.evaluation import markdown_table
     from kdshield.trainables.attack import AttackJob, run_attack
     from kdshield.trainables.defend import DefendJob, run_defend
 
+    BeDKDConfig(**DEMO_BEDKD)  # its settings hold before minutes of attack training are spent
     root = Path(out).resolve()
     corpus = root / "corpus"
     say("building the Rotten Tomatoes corpus (fetched once into the cache)")
@@ -67,7 +72,7 @@ def run_demo(out: str = "kdshield-demo", *, overwrite: bool = False) -> dict:
     attack = run_attack(AttackJob(
         train=str(small / "train.parquet"), test=str(small / "test.parquet"), model="minilm", out=str(root / "run"),
         attack="badnet", poison_rate=0.1, target_label=1, overwrite=overwrite, scaling=scaling,
-        training={"epochs": 3, "lr": 1e-4, "batch_size": 32, "max_length": 48}))
+        training={"epochs": 3, "lr": 1e-4, "batch_size": 32, "max_length": DEMO_MAX_LENGTH}))
     defended = run_defend(DefendJob(method="bedkd", run=str(root / "run"), out=str(root / "bedkd"),
                                     overwrite=overwrite, params=DEMO_BEDKD, scaling=scaling))
     rows = [{"model": "backdoored MiniLM", "CACC %": attack["cacc"], "ASR %": attack["asr"],
