@@ -18,7 +18,7 @@ DEMO_TRAIN_ROWS = 1600
 DEMO_TEST_ROWS = 500
 DEMO_MAX_LENGTH = 40  # tokens (most snippets are shorter); batches pad to the cap, so it sets the cost
 # The authors' DMM budget (n_c 80/class, 20 epochs): with 12 epochs the poisoned samples' MEPD sat at
-# 0.12-0.17, above the default gamma 0.1, and nothing was identified (measured; see README).
+# 0.12-0.17, above the default gamma 0.1, and nothing poisoned was identified (benchmarks/results/demo.md).
 DEMO_BEDKD = {"n_c_dmm": 80, "n_c": 80, "n_p": 32, "dmm_epochs": 20, "akd_cycles": 6, "punish_passes": 4,
               "max_length": DEMO_MAX_LENGTH}
 
