@@ -28,16 +28,31 @@ BUDGET = {"n_c_dmm": 80, "n_c": 80, "n_p": 32, "dmm_epochs": 20, "akd_cycles": 1
           "batch_size": 16, "max_length": 64}
 # Method rows that are BeDKD with one setting changed (the bounded/unbounded punish comparison).
 # `bedkd-30c`: three times the AKD cycles, to see whether a cell's remaining ASR is the budget's.
+# `bedkd-np160-1pass`: five times the punished samples in one pass each, i.e. the same number of
+# punish steps as the default (32 x 5 passes), to see whether the punished share limits unlearning;
+# `bedkd-np160`: the same samples with the default five passes.
 VARIANTS = {"bedkd-unbounded": ("bedkd", {"punish": "unbounded"}),
             "bedkd-1pass": ("bedkd", {"punish_passes": 1}),
-            "bedkd-30c": ("bedkd", {"akd_cycles": 30})}
+            "bedkd-30c": ("bedkd", {"akd_cycles": 30}),
+            "bedkd-np160-1pass": ("bedkd", {"n_p": 160, "punish_passes": 1}),
+            "bedkd-np160": ("bedkd", {"n_p": 160})}
+
+
+def punish_activity(metrics: dict) -> str | None:
+    """The share (%) of the punish loss's hinge terms still below their bound in the first, third
+    and last AKD cycle, "a/b/c": where it reaches ~0 the punished samples are past the bound and
+    the remaining cycles are trust distillation only (None: no bounded punish stage)."""
+    active = [e["punish/active"] for e in metrics.get("history", {}).get("akd", []) if "punish/active" in e]
+    if not active:
+        return None
+    return "/".join(f"{100 * a:.1f}" for a in (active[0], active[min(2, len(active) - 1)], active[-1]))
 
 
 def render(rows: list[dict], budget: dict, commands: list[str]) -> str:
     from kdshield.evaluation import markdown_table
 
     cols = ["dataset", "attack", "method", "CACC %", "ASR %", "FAR %", "FRR %", "identified", "precision %",
-            "prec. smallest %", "prec. random %", "seconds"]
+            "prec. smallest %", "prec. random %", "punish active % (cycle 1/3/last)", "seconds"]
     verdicts = []
     by_cell: dict[tuple, dict] = {}
     for r in rows:
@@ -55,7 +70,8 @@ def render(rows: list[dict], budget: dict, commands: list[str]) -> str:
             "threshold's errors on the whole suspect training set, `identified` the samples kept for "
             "punishment (at most n_p) and `precision` the share of them that were really poisoned "
             "(selection `confident`, the default; the `prec.` columns: what the `smallest` MEPD and a "
-            "`random` draw would have kept). Variants: " + ", ".join(
+            "`random` draw would have kept); `punish active` the share of the bounded punish loss's "
+            "hinge terms not yet past their bound (0: the punished samples no longer pull). Variants: " + ", ".join(
                 f"`{k}` = bedkd with `{json.dumps(v[1])}`" for k, v in VARIANTS.items()) + ".\n\n"
             + markdown_table(rows, cols) + "\n\nTarget: ASR >= 90% before, <= 5% after, CACC drop <= 2 points.\n\n"
             + "\n".join(verdicts) + "\n")
@@ -86,6 +102,10 @@ def main() -> None:
     commands = invocations(previous, "bedkd.py", sys.argv[1:])
     done = {(r["dataset"], r["attack"], r["method"]) for r in rows}
     work = Path(args.work)
+    for r in rows:  # rows from before the column: read it from the defense's output if still there
+        saved = work / r["dataset"] / r["attack"] / r["method"] / "metrics.json"
+        if r["method"] != "none" and r.get("punish active % (cycle 1/3/last)") is None and saved.is_file():
+            r["punish active % (cycle 1/3/last)"] = punish_activity(json.loads(saved.read_text()))
 
     def save():
         store.write_text(json.dumps({"commands": commands, "budget": budget, "args": vars(args), "rows": rows},
@@ -111,7 +131,7 @@ def main() -> None:
                              "ASR %": m["asr"], "FAR %": m.get("far"), "FRR %": m.get("frr"),
                              "identified": m.get("n_identified"), "precision %": m.get("identified_precision"),
                              "prec. smallest %": m.get("precision_smallest"), "prec. random %": m.get("precision_random"),
-                             "seconds": m["seconds"]})
+                             "punish active % (cycle 1/3/last)": punish_activity(m), "seconds": m["seconds"]})
                 save()
                 print(render(rows, budget, commands), flush=True)
 
