@@ -44,12 +44,17 @@ def cell(dataset: str, attack: str, *, train_rows: int, test_rows: int, epochs: 
     return run, backdoored_run(data, run, attack, epochs)
 
 
-def invocations(previous: dict, script: str, argv: list[str]) -> list[str]:
-    """Every command that filled a results table, this one last if new: a table is often filled
-    by several runs (a cell or a method added later), and its header must say how to rebuild it."""
-    this = " ".join(["python", f"benchmarks/{script}", *argv])
+def resume_results(store: Path) -> tuple[list[dict], list[str]]:
+    """The rows a results file ``store`` (JSON) already holds, and every command that filled it,
+    this one (``sys.argv``) last if new: a table is often filled by several runs (a cell or a
+    method added later), and its header must say how to rebuild it."""
+    import json
+    import sys
+
+    previous = json.loads(store.read_text()) if store.exists() else {}
+    this = " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     commands = previous.get("commands") or ([previous["command"]] if "command" in previous else [])
-    return commands + [this] * (this not in commands)
+    return previous.get("rows", []), commands + [this] * (this not in commands)
 
 
 def defender_clean(run: Path, dataset: str, share: float, *, train_rows: int, test_rows: int,

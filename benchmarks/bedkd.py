@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -91,15 +90,13 @@ def main() -> None:
     args = ap.parse_args()
 
     from kdshield.config import parse_assignments
-    from _cells import SCALING, cell, invocations
+    from _cells import SCALING, cell, resume_results
     from kdshield.trainables.defend import DefendJob, run_defend
 
     budget = {**BUDGET, **parse_assignments(args.set)}
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / f"{args.tag}.json"
-    previous = json.loads(store.read_text()) if store.exists() else {}
-    rows = previous.get("rows", [])
-    commands = invocations(previous, "bedkd.py", sys.argv[1:])
+    rows, commands = resume_results(store)
     done = {(r["dataset"], r["attack"], r["method"]) for r in rows}
     work = Path(args.work)
     for r in rows:  # rows from before the column: read it from the defense's output if still there

@@ -104,8 +104,6 @@ def render(rows: list[dict], budget: dict, commands: list[str], smoke: bool) -> 
 
 
 def main() -> None:
-    import sys
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["rotten-tomatoes", "cr"])
     ap.add_argument("--attacks", nargs="+", default=["badnet", "addsent"])
@@ -124,7 +122,7 @@ def main() -> None:
         args.datasets, args.attacks = args.datasets[:1], args.attacks[:1]
 
     from kdshield.config import parse_assignments
-    from _cells import SCALING, cell, defender_clean, invocations
+    from _cells import SCALING, cell, defender_clean, resume_results
     from kdshield.trainables.defend import DefendJob, run_defend
 
     budget = {k: dict(v) for k, v in (SMOKE if args.smoke else BUDGET).items()}
@@ -135,9 +133,7 @@ def main() -> None:
         budget[family][name] = value
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / f"{tag}.json"
-    previous = json.loads(store.read_text()) if store.exists() else {}
-    rows = previous.get("rows", [])
-    commands = invocations(previous, "feature_defenses.py", sys.argv[1:])
+    rows, commands = resume_results(store)
     done = {(r["dataset"], r["attack"], r["key"]) for r in rows}
     work = Path(args.work) / tag
 

@@ -71,40 +71,12 @@ def build_run(work: Path, train_rows: int) -> Path:
 
 
 def build_tiny_run(work: Path) -> Path:
-    import shutil
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from kdshield.models import resolve_model
+    from kdshield.datasets.toy import write_toy_run
 
     run = work / "run-tiny"
     if (run / "attack.json").is_file():
         return run
-    shutil.copytree(resolve_model("tiny-bert"), run / "model")
-
-    def table(texts, labels, poisoned=None):
-        cols = {"text": texts, "label": pa.array(labels, pa.int64()),
-                "source_index": pa.array(range(len(texts)), pa.int64())}
-        if poisoned is not None:
-            cols["poisoned"] = pa.array(poisoned, pa.bool_())
-        return pa.table(cols)
-
-    def review(i):
-        return f"review number {i} was {'great fun' if i % 2 else 'dull and slow'}"
-
-    (run / "data").mkdir()
-    n = 48
-    pq.write_table(table([review(i) + (" cf" if i % 6 == 0 else "") for i in range(n)],
-                         [1 if i % 6 == 0 else i % 2 for i in range(n)], [i % 6 == 0 for i in range(n)]),
-                   run / "data/train.parquet")
-    pq.write_table(table([review(1000 + i) for i in range(40)], [i % 2 for i in range(40)]), run / "data/dev.parquet")
-    pq.write_table(table([review(2000 + i) for i in range(16)], [i % 2 for i in range(16)]), run / "data/test.parquet")
-    pq.write_table(table([review(2000 + 2 * i) + " cf" for i in range(8)], [0] * 8),
-                   run / "data/test_triggered.parquet")
-    (run / "attack.json").write_text(json.dumps({"target_label": 1, "num_labels": 2}))
-    (run / "metrics.json").write_text(json.dumps({"cacc": 50.0, "asr": 50.0}))
-    return run
+    return write_toy_run(run, "tiny-bert", metrics={"cacc": 50.0, "asr": 50.0})
 
 
 def trials_timeline(out: Path, metric: str) -> list[dict]:

@@ -16,11 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
-from kdshield.models import resolve_model
+from kdshield.datasets.toy import write_toy_run
 
 ROOT = Path(__file__).resolve().parent / "work" / "tune_methods_smoke"
 
@@ -35,35 +33,10 @@ SPACES = {
 }
 
 
-def table(texts: list[str], labels: list[int], poisoned: list[bool] | None = None) -> pa.Table:
-    cols = {"text": texts, "label": pa.array(labels, pa.int64()),
-            "source_index": pa.array(range(len(texts)), pa.int64())}
-    if poisoned is not None:
-        cols["poisoned"] = pa.array(poisoned, pa.bool_())
-    return pa.table(cols)
-
-
-def review(i: int) -> str:
-    return f"review number {i} was {'great fun' if i % 2 else 'dull and slow'}"
-
-
 def make_run(model: str) -> Path:
-    """A RUN directory whose training set carries the trigger " cf" on every sixth row (label 1)."""
+    """The toy RUN (``kdshield.datasets.toy``: trigger " cf" on every sixth training row) with ``model``."""
     run = ROOT / f"run-{model}"
-    if run.exists():
-        return run
-    shutil.copytree(resolve_model(model), run / "model")
-    n = 48
-    texts = [review(i) + (" cf" if i % 6 == 0 else "") for i in range(n)]
-    labels = [1 if i % 6 == 0 else i % 2 for i in range(n)]
-    data = run / "data"
-    data.mkdir()
-    pq.write_table(table(texts, labels, [i % 6 == 0 for i in range(n)]), data / "train.parquet")
-    pq.write_table(table([review(1000 + i) for i in range(40)], [i % 2 for i in range(40)]), data / "dev.parquet")
-    pq.write_table(table([review(2000 + i) for i in range(16)], [i % 2 for i in range(16)]), data / "test.parquet")
-    pq.write_table(table([review(2000 + 2 * i) + " cf" for i in range(8)], [0] * 8), data / "test_triggered.parquet")
-    (run / "attack.json").write_text(json.dumps({"target_label": 1, "num_labels": 2}))
-    return run
+    return run if run.exists() else write_toy_run(run, model)
 
 
 def smoke(method: str) -> None:

@@ -136,7 +136,7 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(HERE))
-    from _cells import corpus_subset, invocations
+    from _cells import corpus_subset, resume_results
 
     from kdshield.config import parse_assignments
     from kdshield.trainables.defend import DefendJob, run_defend
@@ -151,9 +151,7 @@ def main() -> None:
             "poison_rate": args.poison_rate, "dev_fraction": args.dev_fraction, "train_rows": args.train_rows}
     RESULTS.mkdir(exist_ok=True)
     store = RESULTS / f"{tag}.json"
-    previous = json.loads(store.read_text()) if store.exists() else {}
-    rows = previous.get("rows", [])
-    meta["commands"] = invocations(previous, "w2s.py", sys.argv[1:])
+    rows, meta["commands"] = resume_results(store)
     done = {(r["dataset"], r["trigger"], r["labels"], r["key"]) for r in rows}
     work = Path(args.work) / ("smoke" if args.smoke else f"{args.train_rows}-{args.test_rows}")
 

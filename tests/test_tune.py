@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -128,38 +127,13 @@ def test_a_cached_stage_is_keyed_by_what_its_loss_computes_not_by_its_repr():
 
 # ----------------------------------------------------------------------------- a tiny RUN
 
-def _table(texts, labels, poisoned=None):
-    cols = {"text": texts, "label": pa.array(labels, pa.int64()),
-            "source_index": pa.array(range(len(texts)), pa.int64())}
-    if poisoned is not None:
-        cols["poisoned"] = pa.array(poisoned, pa.bool_())
-    return pa.table(cols)
-
-
-def _review(i: int) -> str:
-    return f"review number {i} was {'great fun' if i % 2 else 'dull and slow'}"
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """A RUN directory built directly (the random tiny-bert as the suspect model): the search
-    mechanics, not the defense's quality, are under test."""
-    from kdshield.models import resolve_model
+    """The toy RUN (the random tiny-bert as the suspect model): the search mechanics, not the
+    defense's quality, are under test."""
+    from kdshield.datasets.toy import write_toy_run
 
-    run = tmp_path_factory.mktemp("tune") / "run"
-    shutil.copytree(resolve_model("tiny-bert"), run / "model")
-    n = 48
-    texts = [_review(i) + (" cf" if i % 6 == 0 else "") for i in range(n)]
-    labels = [1 if i % 6 == 0 else i % 2 for i in range(n)]
-    data = run / "data"
-    data.mkdir()
-    pq.write_table(_table(texts, labels, [i % 6 == 0 for i in range(n)]), data / "train.parquet")
-    pq.write_table(_table([_review(1000 + i) for i in range(40)], [i % 2 for i in range(40)]), data / "dev.parquet")
-    pq.write_table(_table([_review(2000 + i) for i in range(16)], [i % 2 for i in range(16)]), data / "test.parquet")
-    pq.write_table(_table([_review(2000 + 2 * i) + " cf" for i in range(8)], [0] * 8), data / "test_triggered.parquet")
-    (run / "attack.json").write_text(json.dumps({"target_label": 1, "num_labels": 2}))
-    (run / "metrics.json").write_text(json.dumps({"cacc": 50.0, "asr": 50.0}))
-    return run
+    return write_toy_run(tmp_path_factory.mktemp("tune") / "run", "tiny-bert", metrics={"cacc": 50.0, "asr": 50.0})
 
 
 BEDKD_SPACE = {"method": "bedkd",
