@@ -59,9 +59,10 @@ def render(rows: list[dict], budget: dict, commands: list[str]) -> str:
         by_cell.setdefault((r["dataset"], r["attack"]), {})[r["method"]] = r
     for (ds, atk), cell in by_cell.items():
         base, ours = cell.get("none"), cell.get("bedkd")
-        if base and base["ASR %"] < 90:
-            verdicts.append(f"- {ds} / {atk}: the attack did not implant a backdoor (ASR {base['ASR %']:.1f} < 90), "
-                            "so there is nothing to remove; see the cell's attack budget")
+        if base and base["ASR %"] < 90:  # the target presumes a backdoor at >= 90% to start from
+            verdicts.append(f"- {ds} / {atk}: the attack implanted its backdoor only to ASR {base['ASR %']:.1f} (< 90)"
+                            + (f"; BeDKD {ours['ASR %']:.1f} at CACC {ours['CACC %']:.1f} (from {base['CACC %']:.1f})"
+                               if ours else "") + "; not a test of the target: see results/attack_fit.md")
         elif base and ours:
             ok = base["ASR %"] >= 90 and ours["ASR %"] <= 5 and base["CACC %"] - ours["CACC %"] <= 2
             verdicts.append(f"- {ds} / {atk}: ASR {base['ASR %']:.1f} -> {ours['ASR %']:.1f}, CACC "
