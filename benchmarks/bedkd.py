@@ -88,7 +88,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["ft", "kd", "bedkd"])
     ap.add_argument("--train-rows", type=int, default=3000)
     ap.add_argument("--test-rows", type=int, default=1000)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=3, help="attack training epochs")
+    ap.add_argument("--max-words", type=int, default=None,
+                    help="cut every text to its first N words (rows then name the dataset DATASET-wN)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--work", default=str(HERE / "work" / "bedkd"))
     ap.add_argument("--tag", default="bedkd", help="results file name")
@@ -114,10 +116,11 @@ def main() -> None:
                                     indent=2))
         (RESULTS / f"{args.tag}.md").write_text(render(rows, budget, commands))
 
-    for dataset in args.datasets:
+    for source in args.datasets:
+        dataset = source if args.max_words is None else f"{source}-w{args.max_words}"
         for attack in args.attacks:
-            run, metrics = cell(dataset, attack, train_rows=args.train_rows, test_rows=args.test_rows,
-                                epochs=args.epochs)
+            run, metrics = cell(source, attack, train_rows=args.train_rows, test_rows=args.test_rows,
+                                epochs=args.epochs, max_words=args.max_words)
             if (dataset, attack, "none") not in done:
                 rows.append({"dataset": dataset, "attack": attack, "method": "none", "CACC %": metrics["cacc"],
                              "ASR %": metrics["asr"], "seconds": metrics["seconds"]})
