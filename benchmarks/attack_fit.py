@@ -17,11 +17,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def trigger_visible(tokenizer, texts: list[str], triggers: list[str], max_length: int) -> list[bool]:
-    """Whether a trigger survives truncation to ``max_length`` tokens, text by text (a trigger
-    sentence counts when its first word does)."""
-    first = [t.split()[0].lower() for t in triggers]
+    """Whether a whole trigger (word or sentence) survives truncation to ``max_length`` tokens,
+    text by text."""
+    wanted = [f" {' '.join(t.lower().split())} " for t in triggers]
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    return [any(w in first for w in tokenizer.decode(row, skip_special_tokens=True).lower().split()) for row in ids]
+    seen = [f" {' '.join(tokenizer.decode(row, skip_special_tokens=True).lower().split())} " for row in ids]
+    return [any(w in s for w in wanted) for s in seen]
 
 
 def main() -> None:
@@ -48,6 +49,8 @@ def main() -> None:
         poisoned = train.filter(train.column("poisoned")).column("text").to_pylist()
         tok = load_tokenizer(str(run / "model"))
         visible = np.array(trigger_visible(tok, poisoned, info["spec"]["triggers"], args.max_length))
+        triggered = read_table(run / "data" / "test_triggered.parquet").column("text").to_pylist()
+        test_visible = np.array(trigger_visible(tok, triggered, info["spec"]["triggers"], args.max_length))
         pred = predictions(run / "model", n, poisoned, args.max_length)
         rows.append({"dataset": run.parts[-3], "attack": run.parts[-2], "run": run.name, "classes": n,
                      "poisoned rows": len(poisoned),
@@ -55,6 +58,7 @@ def main() -> None:
                      "poisoned rows fitted (predicted target) %": round(100 * float((pred == target).mean()), 1),
                      "fitted, trigger visible %": round(100 * float((pred[visible] == target).mean()), 1)
                      if visible.any() else None,
+                     "triggered test rows, trigger inside the window %": round(100 * float(test_visible.mean()), 1),
                      "CACC %": round(metrics["cacc"], 1), "ASR %": round(metrics["asr"], 1)})
         print(markdown_table(rows[-1:]), flush=True)
     out = HERE / "results" / "attack_fit.md"
@@ -64,7 +68,9 @@ def main() -> None:
         "`benchmarks/work/cells` (`run-Nep`: N attack epochs). `trigger inside the window`: poisoned training "
         f"rows whose trigger survives truncation to {args.max_length} tokens; `fitted`: poisoned training rows "
         "the backdoored model itself labels as the target. A model that has not fitted its own poisoned rows "
-        "has not learned the trigger, whatever the window.\n\n" + markdown_table(rows) + "\n")
+        "has not learned the trigger, whatever the window; the ASR cannot exceed the share of triggered test "
+        "rows whose trigger is inside the window by much (a row without a visible trigger is a clean row "
+        "to the model).\n\n" + markdown_table(rows) + "\n")
     print(out.read_text())
 
 
