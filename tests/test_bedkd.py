@@ -24,6 +24,7 @@ from kdshield.defenses.bedkd import (
     mepd,
     plot_mepd_histogram,
     softmax,
+    suspected_target,
 )
 from kdshield.errors import InputError
 
@@ -199,6 +200,23 @@ def test_flip_labels():
     assert (flip_labels(y, 5) != y).all()
     with pytest.raises(ValueError):
         flip_labels(np.array([0, 3]), 3)
+
+
+def test_suspected_target_is_the_over_predicted_label_not_the_majority():
+    """R8-like: 'earn' (2) is half of all data, and poisoning adds 10% of predictions to 'crude'
+    (1). The majority is 2; the label predicted more often than the clean data has it is 1."""
+    clean = np.repeat([0, 1, 2, 3], [20, 5, 50, 25])
+    preds = np.repeat([0, 1, 2, 3], [18, 15, 45, 22])  # 10 points moved onto label 1
+    assert majority_label(preds) == 2
+    assert suspected_target(preds, clean) == 1
+    # balanced binary data: the same answer as the majority (the authors' rule)
+    assert suspected_target(np.repeat([0, 1], [45, 55]), np.repeat([0, 1], [50, 50])) == 1
+    # a label the clean data never shows still counts; ties go to the smaller label
+    assert suspected_target([0, 0, 3, 3], [0, 0, 0, 0]) == 3
+    assert suspected_target([0, 1], [0, 1]) == 0
+    for preds, clean in (([], [0]), ([0], []), ([-1], [0])):
+        with pytest.raises(ValueError):
+            suspected_target(preds, clean)
 
 
 def test_majority_label():

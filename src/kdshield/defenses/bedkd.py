@@ -91,8 +91,10 @@ class BeDKDConfig(_Settings):
         "The paper only says 'MEPD < gamma'; benchmarks/results/bedkd.md gives the "
         "precision of each"))
     require_target_prediction: bool = Field(True, description=(
-        "identified samples must also be predicted as the poisoned model's majority label over "
-        "the suspect training set (the authors' code)"))
+        "identified samples must also be predicted as the suspected target label: the label the "
+        "poisoned model predicts on the suspect training set more often than it occurs in the "
+        "clean data (the authors' code takes the majority label, which is the same on balanced "
+        "data; see suspected_target)"))
     seed: int = Field(0, description="seed of clean-subset sampling and training")
 
     @model_validator(mode="before")
@@ -135,6 +137,26 @@ def majority_label(preds) -> int:
     if (preds < 0).any():
         raise ValueError("majority_label: negative labels")
     return int(np.bincount(preds.astype(np.int64)).argmax())
+
+
+def suspected_target(preds, clean_labels) -> int:
+    """The label the suspect model over-predicts on its training set: the largest excess of its
+    share of ``preds`` over its share of the defender's ``clean_labels`` (ties: the smaller label).
+
+    Dirty-label poisoning adds about poison_rate x N predictions of the target. On balanced data the
+    target is then also the majority label, which is what the authors' code takes; on imbalanced
+    data it need not be: on R8 the majority is 'earn' (47% of the articles), and restricting the
+    candidates to it made every identified sample clean (``benchmarks/results/bedkd_r8.md``).
+    """
+    preds = np.asarray(preds).reshape(-1).astype(np.int64)
+    clean_labels = np.asarray(clean_labels).reshape(-1).astype(np.int64)
+    if preds.size == 0 or clean_labels.size == 0:
+        raise ValueError("suspected_target needs predictions and clean labels")
+    if (preds < 0).any() or (clean_labels < 0).any():
+        raise ValueError("suspected_target: negative labels")
+    n = int(max(preds.max(), clean_labels.max())) + 1
+    excess = np.bincount(preds, minlength=n) / preds.size - np.bincount(clean_labels, minlength=n) / clean_labels.size
+    return int(excess.argmax())
 
 
 # ----------------------------------------------------------------------------- losses

@@ -329,10 +329,10 @@ def bedkd_identify(d: Defense, dmm: str, *, calibration: pa.Table | None = None,
                    n_p: int | None = None, histogram: Path | None = None) -> Identification:
     """Step 2: MEPD between suspect model and DMM on every suspect training sample; candidates
     are below gamma (fixed, or calibrated on ``calibration`` for ``target_frr``) and predicted as
-    the suspect model's majority label; at most ``n_p`` (default: the config's) are kept by the
+    the label the suspect model over-predicts (:func:`suspected_target`); at most ``n_p`` (default: the config's) are kept by the
     config's ``selection``. FAR/FRR/precision are scored against ``poisoned`` when present."""
     from kdshield.defenses.bedkd import (backdoor_confidence, calibrate_gamma, identify, majority_label, mepd,
-                                         plot_mepd_histogram, softmax)
+                                         plot_mepd_histogram, softmax, suspected_target)
     from kdshield.evaluation import far_frr
 
     c, i, suspect = d.config, d.inputs, d.inputs.model_dir
@@ -349,12 +349,14 @@ def bedkd_identify(d: Defense, dmm: str, *, calibration: pa.Table | None = None,
         calib_stream = d.stream(calibration)
         gamma = calibrate_gamma(mepd(softmax(d.logits(calib_stream, suspect)), softmax(d.logits(calib_stream, dmm))),
                                 c.target_frr)
-    target = majority_label(preds) if c.require_target_prediction else None
+    suspected = suspected_target(preds, i.clean.column("label").to_numpy())
+    target = suspected if c.require_target_prediction else None
     n_p, confidence = c.n_p if n_p is None else n_p, backdoor_confidence(p_suspect, p_dmm)
     rows = identify(scores, preds, gamma=gamma, n_p=n_p, target_label=target, selection=c.selection, seed=c.seed,
                     confidence=confidence)
     info: dict[str, Any] = {"gamma": float(gamma), "n_identified": int(len(rows)),
-                            "majority_label": int(majority_label(preds)), "selection": c.selection}
+                            "majority_label": int(majority_label(preds)), "suspected_target": suspected,
+                            "selection": c.selection}
     truth = i.train.column("poisoned").to_numpy(zero_copy_only=False) if "poisoned" in i.train.column_names else None
     if truth is not None:  # ground truth: scored, never used
         below = scores < gamma  # the threshold's own verdict on every sample (FAR/FRR of Eq. 4)

@@ -6,7 +6,7 @@ those into two small evaluation sets, once per search, shared by every trial of 
 
 - ``val``: a stratified share of the clean data, held out from what the defenses train on;
 - ``flagged``: the training samples BeDKD-style identification calls poisoned (a DMM distilled
-  with flipped labels, MEPD below ``gamma``, predicted as the suspect model's majority label,
+  with flipped labels, MEPD below ``gamma``, predicted as the label the suspect model over-predicts,
   at most ``probe_n`` of them, smallest MEPD first), labelled with the *suspect model's*
   prediction (for a backdoored model: the target label).
 
@@ -92,11 +92,11 @@ def build_probe(job, shared: Path, *, cache, val_fraction: float, probe_n: int, 
     # settings reuses the cached DMM stage.
     _, dmm_clean = bedkd_clean_sets(d)
     found = bedkd_identify(d, bedkd_dmm(d, dmm_clean), calibration=val, n_p=probe_n)
-    rows, preds, target = found.rows, found.preds, found.info["majority_label"]
+    rows, preds, target = found.rows, found.preds, found.info["suspected_target"]
     flagged = _with_labels(inputs.train.take(pa.array(rows, pa.int64())), preds[rows])
     write_table(flagged, shared / "flagged.parquet")
     info: dict[str, Any] = {"n_val": val.num_rows, "n_clean_train": clean_train.num_rows,
-                            "n_flagged": int(len(rows)), "suspect_majority_label": int(target),
+                            "n_flagged": int(len(rows)), "suspected_target": int(target),
                             "settings": c.model_dump(mode="json")}
     if "poisoned" in inputs.train.column_names and len(rows):  # ground truth: reported, never used
         truth = inputs.train.column("poisoned").to_numpy(zero_copy_only=False)
