@@ -28,14 +28,11 @@ BUDGET = {"n_c_dmm": 80, "n_c": 80, "n_p": 32, "dmm_epochs": 20, "akd_cycles": 1
 # Method rows that are BeDKD with one setting changed (the bounded/unbounded punish comparison).
 # `bedkd-30c`: three times the AKD cycles, to see whether a cell's remaining ASR is the budget's.
 # `bedkd-np160-1pass`: five times the punished samples in one pass each, i.e. the same number of
-# punish steps as the default (32 x 5 passes), to see whether the punished share limits unlearning;
-# `bedkd-np160-1pass-nc150`: as np160-1pass with every clean row of the defender (150 per class
-# on RT) in the trust set, to see whether more trust distillation wins back the CACC it costs.
+# punish steps as the default (32 x 5 passes), to see whether the punished share limits unlearning.
 VARIANTS = {"bedkd-unbounded": ("bedkd", {"punish": "unbounded"}),
             "bedkd-1pass": ("bedkd", {"punish_passes": 1}),
             "bedkd-30c": ("bedkd", {"akd_cycles": 30}),
-            "bedkd-np160-1pass": ("bedkd", {"n_p": 160, "punish_passes": 1}),
-            "bedkd-np160-1pass-nc150": ("bedkd", {"n_p": 160, "punish_passes": 1, "n_c": 150})}
+            "bedkd-np160-1pass": ("bedkd", {"n_p": 160, "punish_passes": 1})}
 
 
 def punish_activity(metrics: dict) -> str | None:
