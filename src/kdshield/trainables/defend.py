@@ -329,8 +329,9 @@ def bedkd_identify(d: Defense, dmm: str, *, calibration: pa.Table | None = None,
                    n_p: int | None = None, histogram: Path | None = None) -> Identification:
     """Step 2: MEPD between suspect model and DMM on every suspect training sample; candidates
     are below gamma (fixed, or calibrated on ``calibration`` for ``target_frr``) and predicted as
-    the label the suspect model over-predicts (:func:`suspected_target`); at most ``n_p`` (default: the config's) are kept by the
-    config's ``selection``. FAR/FRR/precision are scored against ``poisoned`` when present."""
+    the label the suspect model over-predicts (:func:`suspected_target`); at most ``n_p``
+    (default: the config's) are kept by the config's ``selection``. FAR/FRR/precision are scored
+    against ``poisoned`` when present."""
     from kdshield.defenses.bedkd import (backdoor_confidence, calibrate_gamma, identify, majority_label, mepd,
                                          plot_mepd_histogram, softmax, suspected_target)
     from kdshield.evaluation import far_frr
