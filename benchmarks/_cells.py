@@ -11,6 +11,7 @@ from pathlib import Path
 
 SCALING = {"workers": 1, "cpus_per_worker": 2}
 CELLS = Path(__file__).resolve().parent / "work" / "cells"
+ATTACK_LR = 5e-5
 
 
 def corpus_subset(work: Path, dataset: str, train_rows: int, test_rows: int, max_words: int | None = None) -> Path:
@@ -40,22 +41,23 @@ def corpus_subset(work: Path, dataset: str, train_rows: int, test_rows: int, max
     return data
 
 
-def backdoored_run(data: Path, run: Path, attack: str, epochs: int) -> dict:
+def backdoored_run(data: Path, run: Path, attack: str, epochs: int, lr: float = ATTACK_LR) -> dict:
     """Backdoor MiniLM on ``data`` with ``attack`` into the RUN directory ``run``; its metrics."""
     from kdshield.trainables.attack import AttackJob, run_attack
 
     return run_attack(AttackJob(
         train=str(data / "train.parquet"), test=str(data / "test.parquet"), model="minilm", out=str(run),
-        attack=attack, poison_rate=0.1, target_label=1, training={"epochs": epochs, "lr": 5e-5},
+        attack=attack, poison_rate=0.1, target_label=1, training={"epochs": epochs, "lr": lr},
         scaling=SCALING))
 
 
 def cell(dataset: str, attack: str, *, train_rows: int, test_rows: int, epochs: int,
-         max_words: int | None = None, cells: Path = CELLS) -> tuple[Path, dict]:
-    """The backdoored RUN of one (dataset, attack) cell, built once under ``cells``, and its metrics."""
+         max_words: int | None = None, lr: float = ATTACK_LR, cells: Path = CELLS) -> tuple[Path, dict]:
+    """The backdoored RUN of one (dataset, attack) cell, built once under ``cells``, and its metrics.
+    An attack learning rate other than ``ATTACK_LR`` gets its own RUN (``run-Nep-lrX``)."""
     data = corpus_subset(cells / f"{train_rows}-{test_rows}", dataset, train_rows, test_rows, max_words)
-    run = data.parent / attack / f"run-{epochs}ep"
-    return run, backdoored_run(data, run, attack, epochs)
+    run = data.parent / attack / (f"run-{epochs}ep" + ("" if lr == ATTACK_LR else f"-lr{lr:g}"))
+    return run, backdoored_run(data, run, attack, epochs, lr)
 
 
 def resume_results(store: Path) -> tuple[list[dict], list[str]]:

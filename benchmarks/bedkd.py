@@ -28,11 +28,14 @@ BUDGET = {"n_c_dmm": 80, "n_c": 80, "n_p": 32, "dmm_epochs": 20, "akd_cycles": 1
 # Method rows that are BeDKD with one setting changed (the bounded/unbounded punish comparison).
 # `bedkd-30c`: three times the AKD cycles, to see whether a cell's remaining ASR is the budget's.
 # `bedkd-np160-1pass`: five times the punished samples in one pass each, i.e. the same number of
-# punish steps as the default (32 x 5 passes), to see whether the punished share limits unlearning.
+# punish steps as the default (32 x 5 passes), to see whether the punished share limits unlearning;
+# `-nc150` adds a trust set of 150 clean rows per class (default 80), to see whether more trust
+# distillation wins back the clean accuracy the larger punished set costs.
 VARIANTS = {"bedkd-unbounded": ("bedkd", {"punish": "unbounded"}),
             "bedkd-1pass": ("bedkd", {"punish_passes": 1}),
             "bedkd-30c": ("bedkd", {"akd_cycles": 30}),
-            "bedkd-np160-1pass": ("bedkd", {"n_p": 160, "punish_passes": 1})}
+            "bedkd-np160-1pass": ("bedkd", {"n_p": 160, "punish_passes": 1}),
+            "bedkd-np160-1pass-nc150": ("bedkd", {"n_p": 160, "punish_passes": 1, "n_c": 150})}
 
 
 def punish_activity(metrics: dict) -> str | None:
@@ -79,6 +82,8 @@ def render(rows: list[dict], budget: dict, commands: list[str]) -> str:
 
 
 def main() -> None:
+    from _cells import ATTACK_LR, SCALING, cell, resume_results
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--datasets", nargs="+", default=["rotten-tomatoes", "cr", "r8"])
     ap.add_argument("--attacks", nargs="+", default=["badnet", "addsent"])
@@ -86,6 +91,7 @@ def main() -> None:
     ap.add_argument("--train-rows", type=int, default=3000)
     ap.add_argument("--test-rows", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=3, help="attack training epochs")
+    ap.add_argument("--attack-lr", type=float, default=ATTACK_LR, help="attack learning rate")
     ap.add_argument("--max-words", type=int, default=None,
                     help="cut every text to its first N words (rows then name the dataset DATASET-wN)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -94,7 +100,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from kdshield.config import parse_assignments
-    from _cells import SCALING, cell, resume_results
     from kdshield.trainables.defend import DefendJob, run_defend
 
     budget = {**BUDGET, **parse_assignments(args.set)}
@@ -117,7 +122,7 @@ def main() -> None:
         dataset = source if args.max_words is None else f"{source}-w{args.max_words}"
         for attack in args.attacks:
             run, metrics = cell(source, attack, train_rows=args.train_rows, test_rows=args.test_rows,
-                                epochs=args.epochs, max_words=args.max_words)
+                                epochs=args.epochs, max_words=args.max_words, lr=args.attack_lr)
             if (dataset, attack, "none") not in done:
                 rows.append({"dataset": dataset, "attack": attack, "method": "none", "CACC %": metrics["cacc"],
                              "ASR %": metrics["asr"], "seconds": metrics["seconds"]})
