@@ -65,7 +65,7 @@ def main() -> None:
     out.write_text(
         "# Did each benchmark attack implant its backdoor?\n\n"
         f"`python benchmarks/attack_fit.py --max-length {args.max_length}`: every backdoored RUN under "
-        "`benchmarks/work/cells` (`run-Nep`: N attack epochs). `trigger inside the window`: poisoned training "
+        "`benchmarks/work/cells` (`run-Nep`: N attack epochs at lr 5e-5; `run-Nep-lrX`: at lr X). `trigger inside the window`: poisoned training "
         f"rows whose trigger survives truncation to {args.max_length} tokens; `fitted`: poisoned training rows "
         "the backdoored model itself labels as the target. A model that has not fitted its own poisoned rows "
         "has not learned the trigger, whatever the window; the ASR cannot exceed the share of triggered test "
