@@ -31,11 +31,14 @@ BUDGET = {"n_c_dmm": 80, "n_c": 80, "n_p": 32, "dmm_epochs": 20, "akd_cycles": 1
 # punish steps as the default (32 x 5 passes), to see whether the punished share limits unlearning;
 # `-nc150` adds a trust set of 150 clean rows per class (default 80), to see whether more trust
 # distillation wins back the clean accuracy the larger punished set costs.
+# `bedkd-m2`: the bounded punish hinges at twice the distance (punish_margin 2: CE and KL up to
+# 2 log C), to test whether the bound's early saturation on binary cells leaves the ASR behind.
 VARIANTS = {"bedkd-unbounded": ("bedkd", {"punish": "unbounded"}),
             "bedkd-1pass": ("bedkd", {"punish_passes": 1}),
             "bedkd-30c": ("bedkd", {"akd_cycles": 30}),
             "bedkd-np160-1pass": ("bedkd", {"n_p": 160, "punish_passes": 1}),
-            "bedkd-np160-1pass-nc150": ("bedkd", {"n_p": 160, "punish_passes": 1, "n_c": 150})}
+            "bedkd-np160-1pass-nc150": ("bedkd", {"n_p": 160, "punish_passes": 1, "n_c": 150}),
+            "bedkd-m2": ("bedkd", {"punish_margin": 2.0})}
 
 
 def punish_activity(metrics: dict) -> str | None:
