@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
-from class_recall import predictions
+from class_recall import defended_models, predictions
 
 HERE = Path(__file__).resolve().parent
 
@@ -48,12 +47,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     words = DEFAULT_TRIGGERS["badnet"]
-    defenses = defaultdict(list)  # RUN -> [(method, defense dir)]
-    for metrics in sorted((HERE / "work" / args.tag).glob("*/badnet/*/metrics.json")):
-        defenses[json.loads(metrics.read_text())["config"]["run"]].append((metrics.parent.name, metrics.parent))
     rows = []
-    for run, methods in defenses.items():
-        run = Path(run)
+    for run, methods in defended_models(args.tag, attack="badnet").items():
         attack = json.loads((run / "attack.json").read_text())
         target, n = attack["target_label"], attack["num_labels"]
         originals = {}
