@@ -54,6 +54,7 @@ def backdoored(tmp_path_factory, ray_local) -> Path:
 def test_bedkd_finds_and_removes_a_tiny_backdoor(backdoored, tmp_path, capsys):
     before = json.loads((backdoored / "metrics.json").read_text())
     assert before["asr"] >= 90.0 and before["cacc"] >= 90.0  # the backdoor really is in the model
+    assert before["asr"] - before["asr_no_trigger"] >= 80.0  # and the trigger, not a bias, makes the ASR
 
     out = tmp_path / "defended"
     # gamma calibrated for a 5% FRR on the clean samples the DMM did not see (the defender's way)

@@ -98,7 +98,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     metrics = run_attack(job)
     print(markdown_table([{"model": job.model, "attack": job.attack, "poison rate": job.poison_rate,
                            "CACC %": metrics["cacc"], "ASR %": metrics["asr"],
-                           "seconds": metrics["seconds"]}]))
+                           "no-trigger ASR %": metrics.get("asr_no_trigger"), "seconds": metrics["seconds"]}]))
     print(f"run written to {job.out}")
     return 0
 
@@ -125,7 +125,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
     job = parse_settings(DefendJob, values, source="defend")
     metrics = run_defend(job)
     row = {"method": job.method, "CACC %": metrics["cacc"], "ASR %": metrics.get("asr"),
-           "FAR %": metrics.get("far"), "FRR %": metrics.get("frr"), "seconds": metrics["seconds"]}
+           "no-trigger ASR %": metrics.get("asr_no_trigger"), "FAR %": metrics.get("far"), "FRR %": metrics.get("frr"), "seconds": metrics["seconds"]}
     print(markdown_table([row]))
     print(f"defended model written to {job.out}/model")
     return 0

@@ -183,8 +183,8 @@ def _teacher_predict(d: Defense, ds, teacher_dir: str, tpad: int):
 def _teacher_scores(d: Defense, teacher_dir: str, tpad: int, proj: dict[str, np.ndarray]) -> dict[str, float]:
     """The teacher's CACC (and ASR) through the path the student is distilled from."""
     from kdshield.defenses.w2s import project
-    from kdshield.evaluation import asr, cacc
     from kdshield.trainables.attack import tokenized_stream
+    from kdshield.trainables.inference import clean_and_attack_metrics
 
     i, c = d.inputs, d.config
 
@@ -199,11 +199,8 @@ def _teacher_scores(d: Defense, teacher_dir: str, tpad: int, proj: dict[str, np.
         return np.asarray(np.stack(list(z))), cols["label"]
 
     z, y = logits(i.test)
-    out = {"cacc": cacc(z.argmax(-1), y)}
-    if i.triggered is not None and i.target_label is not None:
-        zt, yt = logits(i.triggered)
-        out["asr"] = asr(zt.argmax(-1), yt, i.target_label)
-    return out
+    triggered = logits(i.triggered) if i.triggered is not None and i.target_label is not None else None
+    return clean_and_attack_metrics(z, y, triggered, i.target_label)
 
 
 # ----------------------------------------------------------------------------- recipes

@@ -176,10 +176,24 @@ def predict_logits(ds, model_dir: str, num_labels: int, *, with_labels: bool = F
 
 def evaluate(model_dir: str, num_labels: int, *, clean_test, triggered_test=None,
              target_label: int | None = None, **kwargs) -> dict[str, float]:
-    """``{"cacc": ..., "asr": ...}`` in percent (ASR only with a triggered test set)."""
+    """``{"cacc": ..., "asr": ..., "asr_no_trigger": ...}`` in percent (the ASRs only with a
+    triggered test set); see :func:`clean_and_attack_metrics`."""
     logits, labels = predict_logits(clean_test, model_dir, num_labels, with_labels=True, **kwargs)
-    metrics = {"cacc": cacc(logits.argmax(-1), labels)}
+    triggered = None
     if triggered_test is not None:
-        t_logits, t_labels = predict_logits(triggered_test, model_dir, num_labels, with_labels=True, **kwargs)
-        metrics["asr"] = asr(t_logits.argmax(-1), t_labels, target_label)
+        triggered = predict_logits(triggered_test, model_dir, num_labels, with_labels=True, **kwargs)
+    return clean_and_attack_metrics(logits, labels, triggered, target_label)
+
+
+def clean_and_attack_metrics(logits: np.ndarray, labels: np.ndarray, triggered: tuple | None,
+                             target_label: int | None) -> dict[str, float]:
+    """CACC of clean ``logits``; with ``triggered`` (logits, labels) and a target, the ASR and the
+    *no-trigger ASR*: the share of the clean non-target test rows predicted as the target. The
+    triggered test set is those very rows with the trigger inserted, so ``asr - asr_no_trigger``
+    is what the trigger adds; a defended model whose ASR equals its no-trigger ASR has lost the
+    backdoor, and the rest is clean error into the target class."""
+    metrics = {"cacc": cacc(logits.argmax(-1), labels)}
+    if triggered is not None and target_label is not None:
+        metrics["asr"] = asr(triggered[0].argmax(-1), triggered[1], target_label)
+        metrics["asr_no_trigger"] = asr(logits.argmax(-1), labels, target_label)
     return metrics
