@@ -75,10 +75,13 @@ def run_demo(out: str = "kdshield-demo", *, overwrite: bool = False) -> dict:
         training={"epochs": 3, "lr": 1e-4, "batch_size": 32, "max_length": DEMO_MAX_LENGTH}))
     defended = run_defend(DefendJob(method="bedkd", run=str(root / "run"), out=str(root / "bedkd"),
                                     overwrite=overwrite, params=DEMO_BEDKD, scaling=scaling))
+    # no-trigger ASR: the ASR rows without their trigger; ASR minus it is what the trigger adds
     rows = [{"model": "backdoored MiniLM", "CACC %": attack["cacc"], "ASR %": attack["asr"],
-             "FAR %": None, "FRR %": None, "seconds": attack["seconds"]},
+             "no-trigger ASR %": attack.get("asr_no_trigger"), "FAR %": None, "FRR %": None,
+             "seconds": attack["seconds"]},
             {"model": "after BeDKD", "CACC %": defended["cacc"], "ASR %": defended["asr"],
-             "FAR %": defended.get("far"), "FRR %": defended.get("frr"), "seconds": defended["seconds"]}]
+             "no-trigger ASR %": defended.get("asr_no_trigger"), "FAR %": defended.get("far"),
+             "FRR %": defended.get("frr"), "seconds": defended["seconds"]}]
     chart = bar_chart(rows, root / "demo.png")
     print(markdown_table(rows))
     print(f"defended model: {root / 'bedkd' / 'model'}; chart: {chart}; MEPD histogram: {root / 'bedkd' / 'mepd.png'}")
