@@ -54,7 +54,7 @@ def punish_activity(metrics: dict) -> str | None:
 def render(rows: list[dict], budget: dict, commands: list[str]) -> str:
     from kdshield.evaluation import markdown_table
 
-    cols = ["dataset", "attack", "method", "CACC %", "ASR %", "FAR %", "FRR %", "identified", "precision %",
+    cols = ["dataset", "attack", "method", "CACC %", "ASR %", "no-trigger ASR %", "FAR %", "FRR %", "identified", "precision %",
             "prec. smallest %", "prec. random %", "punish active % (cycle 1/3/last)", "seconds"]
     verdicts = []
     by_cell: dict[tuple, dict] = {}
@@ -69,7 +69,9 @@ def render(rows: list[dict], budget: dict, commands: list[str]) -> str:
         elif base and ours:
             ok = base["ASR %"] >= 90 and ours["ASR %"] <= 5 and base["CACC %"] - ours["CACC %"] <= 2
             verdicts.append(f"- {ds} / {atk}: ASR {base['ASR %']:.1f} -> {ours['ASR %']:.1f}, CACC "
-                            f"{base['CACC %']:.1f} -> {ours['CACC %']:.1f}: {'met' if ok else 'MISSED'}")
+                            f"{base['CACC %']:.1f} -> {ours['CACC %']:.1f}: {'met' if ok else 'MISSED'}"
+                            + (f" (the same rows without the trigger: {ours['no-trigger ASR %']:.1f})"
+                               if ours.get("no-trigger ASR %") is not None else ""))
     return ("# BeDKD on real data (MiniLM-L6): No defense / FT / KD / BeDKD\n\n"
             + "".join(f"`{c}`\n\n" for c in commands)
             + f"Defense budget (all methods): "
@@ -78,7 +80,9 @@ def render(rows: list[dict], budget: dict, commands: list[str]) -> str:
             "punishment (at most n_p) and `precision` the share of them that were really poisoned "
             "(selection `confident`, the default; the `prec.` columns: what the `smallest` MEPD and a "
             "`random` draw would have kept); `punish active` the share of the bounded punish loss's "
-            "hinge terms not yet past their bound (0: the punished samples no longer pull). Variants: " + ", ".join(
+            "hinge terms not yet past their bound (0: the punished samples no longer pull); `no-trigger ASR` "
+            "the ASR rows without their trigger predicted as the target (rows from before the column: "
+            "`results/class_recall_*.md`). Variants: " + ", ".join(
                 f"`{k}` = bedkd with `{json.dumps(v[1])}`" for k, v in VARIANTS.items()) + ".\n\n"
             + markdown_table(rows, cols) + "\n\nTarget: ASR >= 90% before, <= 5% after, CACC drop <= 2 points.\n\n"
             + "\n".join(verdicts) + "\n")
@@ -128,7 +132,8 @@ def main() -> None:
                                 epochs=args.epochs, max_words=args.max_words, lr=args.attack_lr)
             if (dataset, attack, "none") not in done:
                 rows.append({"dataset": dataset, "attack": attack, "method": "none", "CACC %": metrics["cacc"],
-                             "ASR %": metrics["asr"], "seconds": metrics["seconds"]})
+                             "ASR %": metrics["asr"], "no-trigger ASR %": metrics.get("asr_no_trigger"),
+                             "seconds": metrics["seconds"]})
                 save()
             for method in args.methods:
                 if (dataset, attack, method) in done:
@@ -138,7 +143,7 @@ def main() -> None:
                                          overwrite=True, params={**budget, **extra},
                                          scaling=SCALING))
                 rows.append({"dataset": dataset, "attack": attack, "method": method, "CACC %": m["cacc"],
-                             "ASR %": m["asr"], "FAR %": m.get("far"), "FRR %": m.get("frr"),
+                             "ASR %": m["asr"], "no-trigger ASR %": m.get("asr_no_trigger"), "FAR %": m.get("far"), "FRR %": m.get("frr"),
                              "identified": m.get("n_identified"), "precision %": m.get("identified_precision"),
                              "prec. smallest %": m.get("precision_smallest"), "prec. random %": m.get("precision_random"),
                              "punish active % (cycle 1/3/last)": punish_activity(m), "seconds": m["seconds"]})
