@@ -397,6 +397,29 @@ def test_tokenize_two_vocabularies_and_pad_per_batch(ray_session, minilm_tokeniz
         tokenize_dataset(ray_session.data.from_arrow(table), "/nonexistent/tokenizer")
 
 
+def test_a_table_is_tokenised_in_process_exactly_as_by_the_pipeline(ray_session, minilm_tokenizer):
+    """An Arrow table skips the Ray Data actor (its start costs seconds) and gets the same ids,
+    in blocks of ``batch_size`` rows, in row order; a bad tokenizer is still refused."""
+    from kdshield.datasets.tokenize import tokenize_table
+    from kdshield.trainables.attack import tokenized_stream
+
+    texts = [f"review {i}: " + "quite a long and winding sentence " * (i % 5) for i in range(600)]
+    table = normalize_table(pa.table({"text": texts, "label": [i % 2 for i in range(600)]}), name="t")
+    blocks = tokenize_table(table, str(minilm_tokenizer), max_length=12, prefix="teacher_", batch_size=256)
+    assert [b.num_rows for b in blocks] == [256, 256, 88]
+    piped = _collect(tokenize_dataset(ray_session.data.from_arrow(table), str(minilm_tokenizer), max_length=12,
+                                      prefix="teacher_"))
+    assert pa.concat_tables(blocks).to_pydict() == piped.to_pydict()
+    import ray
+
+    streamed = pa.concat_tables(ray.get(tokenized_stream(table, str(minilm_tokenizer), 12).to_arrow_refs()))
+    assert streamed["source_index"].to_pylist() == list(range(600))  # row order kept
+    assert max(len(ids) for ids in streamed["input_ids"].to_pylist()) == 12
+    assert [b.num_rows for b in tokenize_table(table.slice(0, 0), str(minilm_tokenizer))] == [0]
+    with pytest.raises(InputError, match="tokenizer"):
+        tokenize_table(table, "/nonexistent/tokenizer")
+
+
 # ----------------------------------------------------------------------------- pad_collate
 
 def _ragged(*seqs):

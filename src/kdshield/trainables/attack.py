@@ -75,13 +75,16 @@ class AttackJob(_Settings):
 
 
 def tokenized_stream(table_or_ds, tokenizer_dir: str, max_length: int, *, prefix: str = ""):
-    """A materialised Ray Dataset of ``table_or_ds`` with unpadded token ids added."""
+    """A materialised Ray Dataset of ``table_or_ds`` with unpadded token ids added: an Arrow
+    table (already in this process) is tokenised here, a Ray Dataset by Ray Data actors."""
     import ray.data
 
     from kdshield.datasets import tokenize_dataset
+    from kdshield.datasets.tokenize import tokenize_table
 
-    ds = ray.data.from_arrow(table_or_ds) if isinstance(table_or_ds, pa.Table) else table_or_ds
-    return tokenize_dataset(ds, tokenizer_dir, max_length=max_length, prefix=prefix).materialize()
+    if isinstance(table_or_ds, pa.Table):
+        return ray.data.from_arrow(tokenize_table(table_or_ds, tokenizer_dir, max_length=max_length, prefix=prefix))
+    return tokenize_dataset(table_or_ds, tokenizer_dir, max_length=max_length, prefix=prefix).materialize()
 
 
 def _to_table(ds) -> pa.Table:
