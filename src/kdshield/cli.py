@@ -125,7 +125,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
     job = parse_settings(DefendJob, values, source="defend")
     metrics = run_defend(job)
     row = {"method": job.method, "CACC %": metrics["cacc"], "ASR %": metrics.get("asr"),
-           "no-trigger ASR %": metrics.get("asr_no_trigger"), "FAR %": metrics.get("far"), "FRR %": metrics.get("frr"), "seconds": metrics["seconds"]}
+           "no-trigger ASR %": metrics.get("asr_no_trigger"), "FAR %": metrics.get("far"),
+           "FRR %": metrics.get("frr"), "seconds": metrics["seconds"]}
     print(markdown_table([row]))
     print(f"defended model written to {job.out}/model")
     return 0
