@@ -35,7 +35,7 @@ def main() -> None:
     from kdshield.trainables.attack import AttackJob, run_attack, tokenized_stream
     from kdshield.trainables.engine import run_stage
     from kdshield.trainables.inference import evaluate
-    from kdshield.trainables.stage import ModelSpec, Phase, Stage
+    from kdshield.defenses.stage import ModelSpec, Phase, Stage
 
     work = Path(args.work)
     build_corpus("rotten-tomatoes", work / "corpus", seed=0)

@@ -25,7 +25,7 @@ def variances(model, tokenizer, texts: list[str], layers: list[int], family: str
     import torch
 
     from kdshield.defenses.robustkd import feature_variance
-    from kdshield.trainables.inference import model_outputs
+    from kdshield.models.outputs import model_outputs
 
     out = []
     with torch.inference_mode():

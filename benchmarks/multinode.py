@@ -41,7 +41,7 @@ def main() -> None:
     from kdshield.models import load_classifier, load_tokenizer, resolve_model
     from kdshield.trainables.attack import tokenized_stream
     from kdshield.trainables.engine import run_stage
-    from kdshield.trainables.stage import ModelSpec, Phase, Stage
+    from kdshield.defenses.stage import ModelSpec, Phase, Stage
 
     work = Path(args.work)
     build_corpus("rotten-tomatoes", work / "corpus", seed=0)

@@ -113,7 +113,7 @@ def main() -> None:
     from kdshield.models import hidden_size, load_config, load_tokenizer, resolve_model
     from kdshield.models.lora import LoraSpec, default_rank
     from kdshield.trainables.engine import run_stage
-    from kdshield.trainables.stage import ModelSpec, Phase, Stage
+    from kdshield.defenses.stage import ModelSpec, Phase, Stage
 
     model_dir = resolve_model(args.model)
     config = load_config(model_dir)

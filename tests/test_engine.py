@@ -16,7 +16,7 @@ import torch
 from kdshield.config import ScalingSettings, TrainSettings
 from kdshield.defenses.losses import CrossEntropy
 from kdshield.trainables.engine import run_stage
-from kdshield.trainables.stage import ModelSpec, Phase, Stage
+from kdshield.defenses.stage import ModelSpec, Phase, Stage
 
 pytestmark = pytest.mark.ray
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kdshield.evaluation import asr, cacc, far_frr
-from kdshield.trainables.inference import clean_and_attack_metrics
+from kdshield.evaluation.metrics import clean_and_attack_metrics
 
 
 def _logits(preds, num_labels=3):

@@ -116,7 +116,7 @@ def test_connectors_start_as_identity_for_equal_widths():
 def test_engine_wraps_loss_modules_once_per_module():
     from kdshield.config import TrainSettings
     from kdshield.trainables.engine import StageModule
-    from kdshield.trainables.stage import Phase, Stage
+    from kdshield.defenses.stage import Phase, Stage
 
     detox = _detox()
     loss = DetoxLoss(detox, [1, 2])

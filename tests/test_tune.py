@@ -411,7 +411,7 @@ def test_stage_runs_reuse_a_finished_run_and_restart_an_unreadable_one(tmp_path)
     from kdshield.config import TrainSettings
     from kdshield.defenses.losses import CrossEntropy
     from kdshield.trainables.engine import STATE_FILE
-    from kdshield.trainables.stage import ModelSpec, Phase, Stage
+    from kdshield.defenses.stage import ModelSpec, Phase, Stage
     from kdshield.trainables.stage_runs import SNAPSHOT, StageRuns, finished_result, read_attempts
 
     stage = Stage(name="s", model=ModelSpec("unused", 2), phases=(Phase("train", CrossEntropy()),),

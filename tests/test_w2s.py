@@ -311,7 +311,7 @@ def _lora_stage(preset: str, epochs: int, *, dropout: float = 0.1, zero_loss: bo
     from kdshield.models import load_tokenizer, resolve_model
     from kdshield.models.lora import LoraSpec
     from kdshield.trainables.attack import tokenized_stream
-    from kdshield.trainables.stage import ModelSpec, Phase, Stage
+    from kdshield.defenses.stage import ModelSpec, Phase, Stage
 
     model_dir = resolve_model(preset)
     tok = load_tokenizer(model_dir)

@@ -10,8 +10,10 @@ import argparse
 import sys
 from typing import Any
 
+from kdshield import defenses, list_defenses
 from kdshield.config import load_yaml, parse_assignments, parse_settings
 from kdshield.errors import InputError
+from kdshield.search_spaces import space_path
 
 
 def _add_scaling(p: argparse.ArgumentParser) -> None:
@@ -247,8 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     attack.set_defaults(func=cmd_attack)
 
     defend = sub.add_parser("defend", help="remove a backdoor by distillation, write OUT")
-    defend.add_argument("--method", choices=["bedkd", "ft", "kd", "ts-ft", "mbtsad", "robustkd", "feature-kd", "w2s", "lora-ft"],
-                        help="the defense (or `method:` in --config)")
+    defend.add_argument("--method", choices=defenses.names(), metavar="METHOD",
+                        help="the defense (or `method:` in --config): "
+                             + "; ".join(f"{name}: {summary}" for name, summary in list_defenses().items()))
     defend.add_argument("--run", help="a RUN directory from `kdshield attack` (supplies model and data)")
     defend.add_argument("--model", help="the suspect model (local HF dir, safetensors) without --run")
     defend.add_argument("--train", help="the suspect training set")
@@ -270,9 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster(sub)
 
     tune = sub.add_parser("tune", help="search a defense's hyperparameters (Ray Tune + Optuna), write OUT")
-    from kdshield.search_spaces import METHODS as _SPACES
-
-    tune.add_argument("--method", required=True, choices=sorted(_SPACES))
+    tune.add_argument("--method", required=True, choices=[m for m in defenses.names() if space_path(m).is_file()])
     tune.add_argument("--run", required=True, help="a RUN directory from `kdshield attack`")
     tune.add_argument("--num-samples", type=int, help="trials in the whole search (default 16)")
     tune.add_argument("--space", help="search-space YAML (default: the packaged one of the method)")

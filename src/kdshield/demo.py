@@ -12,6 +12,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+import kdshield
+from kdshield import defenses
+from kdshield.datasets import build_corpus, read_table, write_table
+from kdshield.evaluation import markdown_table
 from kdshield.trainables.runs import say
 
 DEMO_TRAIN_ROWS = 1600
@@ -54,13 +58,7 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
 
 
 def run_demo(out: str = "kdshield-demo", *, overwrite: bool = False) -> dict:
-    from kdshield.datasets import build_corpus, read_table, write_table
-    from kdshield.defenses.bedkd import BeDKDConfig
-    from kdshield.evaluation import markdown_table
-    from kdshield.trainables.attack import AttackJob, run_attack
-    from kdshield.trainables.defend import DefendJob, run_defend
-
-    BeDKDConfig(**DEMO_BEDKD)  # its settings hold before minutes of attack training are spent
+    defenses.get("bedkd").parse(DEMO_BEDKD)  # its settings hold before minutes of attack training are spent
     root = Path(out).resolve()
     corpus = root / "corpus"
     say("building the Rotten Tomatoes corpus (fetched once into the cache)")
@@ -69,12 +67,12 @@ def run_demo(out: str = "kdshield-demo", *, overwrite: bool = False) -> dict:
     for split, rows in (("train", DEMO_TRAIN_ROWS), ("test", DEMO_TEST_ROWS)):
         write_table(subset(read_table(corpus / f"{split}.parquet"), rows, seed=0), small / f"{split}.parquet")
     scaling = {"workers": 1, "cpus_per_worker": 2}
-    attack = run_attack(AttackJob(
+    attack = kdshield.attack(
         train=str(small / "train.parquet"), test=str(small / "test.parquet"), model="minilm", out=str(root / "run"),
         attack="badnet", poison_rate=0.1, target_label=1, overwrite=overwrite, scaling=scaling,
-        training={"epochs": 3, "lr": 1e-4, "batch_size": 32, "max_length": DEMO_MAX_LENGTH}))
-    defended = run_defend(DefendJob(method="bedkd", run=str(root / "run"), out=str(root / "bedkd"),
-                                    overwrite=overwrite, params=DEMO_BEDKD, scaling=scaling))
+        training={"epochs": 3, "lr": 1e-4, "batch_size": 32, "max_length": DEMO_MAX_LENGTH})
+    defended = kdshield.defend("bedkd", run=str(root / "run"), out=str(root / "bedkd"), settings=DEMO_BEDKD,
+                               overwrite=overwrite, scaling=scaling)
     # no-trigger ASR: the ASR rows without their trigger; ASR minus it is what the trigger adds
     rows = [{"model": "backdoored MiniLM", "CACC %": attack["cacc"], "ASR %": attack["asr"],
              "no-trigger ASR %": attack.get("asr_no_trigger"), "FAR %": None, "FRR %": None,

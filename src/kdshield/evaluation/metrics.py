@@ -49,3 +49,17 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None, floatfmt:
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def clean_and_attack_metrics(logits: np.ndarray, labels: np.ndarray, triggered: tuple | None,
+                             target_label: int | None) -> dict[str, float]:
+    """CACC of clean ``logits``; with ``triggered`` (logits, labels) and a target, the ASR and the
+    *no-trigger ASR*: the share of the clean non-target test rows predicted as the target. The
+    triggered test set is those very rows with the trigger inserted, so ``asr - asr_no_trigger``
+    is what the trigger adds; a defended model whose ASR equals its no-trigger ASR has lost the
+    backdoor, and the rest is clean error into the target class."""
+    metrics = {"cacc": cacc(logits.argmax(-1), labels)}
+    if triggered is not None and target_label is not None:
+        metrics["asr"] = asr(triggered[0].argmax(-1), triggered[1], target_label)
+        metrics["asr_no_trigger"] = asr(logits.argmax(-1), labels, target_label)
+    return metrics

@@ -26,6 +26,7 @@ import numpy as np
 import yaml
 
 from kdshield.errors import InputError
+from kdshield.evaluation.objectives import OBJECTIVES, SCALAR_MODES
 
 METRICS = ("cacc", "asr", "defender_score", "far", "frr", "trial_seconds")
 
@@ -73,8 +74,6 @@ def _load(out: Path) -> dict[str, Any]:
 
 
 def _rows(search: dict[str, Any]) -> list[dict[str, Any]]:
-    from kdshield.trainables.tune import OBJECTIVES
-
     rows = []
     metrics, _ = OBJECTIVES[search["job"]["objective"]]
     study_trials = search["study"].get_trials(deepcopy=False) if search["study"] is not None else []
@@ -147,8 +146,6 @@ def _plot_pareto(rows, path: Path) -> list[dict]:
 def _plot_importance(searches, path: Path) -> dict[str, dict[str, float]]:
     import optuna
 
-    from kdshield.trainables.tune import OBJECTIVES
-
     panels: dict[str, dict[str, float]] = {}
     for s in searches:
         study = s["study"]
@@ -193,8 +190,6 @@ def _defend_yaml(search: dict[str, Any], row: dict[str, Any], path: Path) -> Non
 
 def write_report(dirs: list[str], out: str | None = None) -> dict[str, Any]:
     """Write the report of the searches in ``dirs`` into ``out`` (default: the first dir)."""
-    from kdshield.trainables.tune import OBJECTIVES, SCALAR_MODES
-
     searches = []
     for d in dirs:
         p = Path(d)

@@ -1,6 +1,6 @@
 """LoRA adapters (peft) on sequence classifiers: settings, checks before Ray, wrapping, export.
 
-A :class:`LoraSpec` travels in :class:`kdshield.trainables.stage.ModelSpec`; the engine wraps
+A :class:`LoraSpec` travels in :class:`kdshield.defenses.stage.ModelSpec`; the engine wraps
 the freshly loaded classifier with :func:`wrap_lora` *before* ``deepspeed.initialize``, so
 DeepSpeed sees frozen base weights (``requires_grad=False``: partitioned under ZeRO-3, never in
 the optimizer) and trainable LoRA matrices (plus, with ``train_head``, a trainable copy of the

@@ -12,93 +12,47 @@ A space file (``<method>.yaml`` beside this module, one per defense, are the pac
     fixed:                        # settings every trial gets unchanged
       punish: bounded
 
-Every name is a field of the method's settings class (``BeDKDConfig`` for bedkd/ft/kd,
-``MBTSADConfig`` for mbtsad/ts-ft, ``RobustKDConfig`` for robustkd/feature-kd, ``W2SConfig``
-for w2s/lora-ft) or one
-of the method's *derived* knobs (BeDKD: ``nc_np_ratio``, which sets ``n_p = round(n_c /
-nc_np_ratio)``). :func:`load_space` validates a file completely before anything runs: unknown
-names, ``low >= high``, ``log`` with ``low <= 0``, a bound or choice the settings class refuses,
-a combination of fixed and searched values that cannot form a valid config; each problem is one
-:class:`~kdshield.errors.InputError` line naming the file and the parameter.
+Every name is a field of the method's config class (its registered
+:class:`~kdshield.defenses.base.DefenseSpec`) or one of the method's *derived* knobs (BeDKD:
+``nc_np_ratio``, which sets ``n_p = round(n_c / nc_np_ratio)``). :func:`load_space` validates a
+file completely before anything runs: unknown names, ``low >= high``, ``log`` with ``low <= 0``,
+a bound or choice the config class refuses, a combination of fixed and searched values that
+cannot form a valid config; each problem is one :class:`~kdshield.errors.InputError` line
+naming the file and the parameter.
 
-Adding a defense's space is a data change: write ``<method>.yaml`` here and add one
-:class:`MethodInfo` to :data:`METHODS` (its settings class, the stage whose model becomes the
-defended model, any derived knobs).
+Adding a defense's space is a data change: write ``<method>.yaml`` here; everything else the
+search needs (config class, the stage that trains the defended model, derived knobs) comes from
+the defense's registration.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
+from kdshield import defenses
 from kdshield.config import parse_settings
+from kdshield.defenses.base import DefenseSpec
 from kdshield.errors import InputError
 
-__all__ = ["METHODS", "MethodInfo", "ParamSpec", "SearchSpace", "load_space", "space_path"]
+__all__ = ["ParamSpec", "SearchSpace", "load_space", "method_spec", "space_path"]
 
 
 # ----------------------------------------------------------------------------- methods
 
-def _nc_np_ratio(values: dict[str, Any], defaults: dict[str, Any]) -> None:
-    """BeDKD's n_c/n_p ratio: ``n_p = max(1, round(n_c / nc_np_ratio))``."""
-    ratio = float(values.pop("nc_np_ratio"))
-    n_c = values.get("n_c", defaults["n_c"])
-    values["n_p"] = max(1, int(round(n_c / ratio)))
-
-
-@dataclass(frozen=True)
-class Derived:
-    """A knob that is not a settings field: ``apply`` turns it into fields (in place)."""
-
-    doc: str
-    replaces: tuple[str, ...]
-    apply: Callable[[dict[str, Any], dict[str, Any]], None]
-    low_exclusive: float | None = None  # values must be > this
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    """What the search needs to know about one defense."""
-
-    name: str
-    config: str  # "module:Class" of the settings
-    final_stages: tuple[str, ...]  # stages training the model that becomes the defended model
-    derived: dict[str, Derived] = field(default_factory=dict)
-
-    def config_class(self):
-        module, _, cls = self.config.partition(":")
-        return getattr(importlib.import_module(module), cls)
-
-
-_BEDKD_CONFIG = "kdshield.defenses.bedkd:BeDKDConfig"
-_MBTSAD_CONFIG = "kdshield.defenses.mbtsad:MBTSADConfig"
-_ROBUSTKD_CONFIG = "kdshield.defenses.robustkd:RobustKDConfig"
-_W2S_CONFIG = "kdshield.defenses.w2s:W2SConfig"
-METHODS: dict[str, MethodInfo] = {
-    "bedkd": MethodInfo("bedkd", _BEDKD_CONFIG, ("akd",), {
-        "nc_np_ratio": Derived("n_p = round(n_c / nc_np_ratio)", ("n_p",), _nc_np_ratio, low_exclusive=0.0)}),
-    "ft": MethodInfo("ft", _BEDKD_CONFIG, ("ft",)),
-    "kd": MethodInfo("kd", _BEDKD_CONFIG, ("kd",)),
-    "mbtsad": MethodInfo("mbtsad", _MBTSAD_CONFIG, ("distill",)),
-    "ts-ft": MethodInfo("ts-ft", _MBTSAD_CONFIG, ("ts_ft",)),
-    "robustkd": MethodInfo("robustkd", _ROBUSTKD_CONFIG, ("distill",)),
-    "feature-kd": MethodInfo("feature-kd", _ROBUSTKD_CONFIG, ("distill",)),
-    "w2s": MethodInfo("w2s", _W2S_CONFIG, ("student",)),
-    "lora-ft": MethodInfo("lora-ft", _W2S_CONFIG, ("lora_ft",)),
-}
-
-
-def method_info(method: str) -> MethodInfo:
-    if method not in METHODS:
-        raise InputError(f"tune: no search space registered for method {method!r} "
-                         f"(known: {', '.join(sorted(METHODS))})")
-    return METHODS[method]
+def method_spec(method: str) -> DefenseSpec:
+    """The registered defense ``method`` (its config class, final stages, derived knobs)."""
+    known = defenses.specs()
+    if method not in known:
+        raise InputError(f"tune: no defense {method!r} (known: {', '.join(known)})")
+    if not space_path(method).is_file():
+        raise InputError(f"tune: defense {method!r} has no packaged search space ({space_path(method).name})")
+    return known[method]
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -210,8 +164,8 @@ class SearchSpace:
     source: str
 
     @property
-    def info(self) -> MethodInfo:
-        return METHODS[self.method]
+    def spec(self) -> DefenseSpec:
+        return defenses.get(self.method)
 
     def distributions(self) -> dict:
         """Optuna distributions, for ``OptunaSearch(space=...)``."""
@@ -220,15 +174,15 @@ class SearchSpace:
     def settings(self, sampled: dict[str, Any]) -> dict[str, Any]:
         """The method's settings (``DefendJob.params``) for one sampled point of the space."""
         values = {**self.fixed, **{k: _plain(v) for k, v in sampled.items() if k in self.params}}
-        defaults = {k: f.default for k, f in self.info.config_class().model_fields.items()}
-        for name, derived in self.info.derived.items():
+        defaults = {k: f.default for k, f in self.spec.config.model_fields.items()}
+        for name, derived in self.spec.derived.items():
             if name in values:
                 derived.apply(values, defaults)
         return values
 
     def config(self, sampled: dict[str, Any], *, where: str = ""):
         """The validated settings object for ``sampled`` (InputError when it is invalid)."""
-        return parse_settings(self.info.config_class(), self.settings(sampled), source=where or self.source)
+        return parse_settings(self.spec.config, self.settings(sampled), source=where or self.source)
 
     def describe(self) -> str:
         return "\n".join(f"  {n}: {p.describe()}" for n, p in self.params.items())
@@ -247,7 +201,7 @@ def space_path(method: str) -> Path:
 def load_space(method: str, path: str | Path | None = None, *, fixed: dict[str, Any] | None = None) -> SearchSpace:
     """Read and fully validate the space of ``method`` (the packaged default, or ``path``);
     ``fixed`` adds settings fixed for every trial (``--set``), removing them from the search."""
-    info = method_info(method)
+    spec = method_spec(method)
     file = Path(path) if path is not None else space_path(method)
     source = str(file)
     if not file.is_file():
@@ -273,9 +227,9 @@ def load_space(method: str, path: str | Path | None = None, *, fixed: dict[str, 
     fixed = {**file_fixed, **overrides}
     if not raw_params:
         raise InputError(f"{source}: every parameter is fixed by --set; nothing left to search")
-    config_cls = info.config_class()
+    config_cls = spec.config
     fields = set(config_cls.model_fields)
-    allowed = fields | set(info.derived)
+    allowed = fields | set(spec.derived)
     for name in [*raw_params, *fixed]:
         if name not in allowed:
             raise InputError(f"{source}: unknown parameter {name!r} for {method} (not a field of "
@@ -284,7 +238,7 @@ def load_space(method: str, path: str | Path | None = None, *, fixed: dict[str, 
     if both:
         raise InputError(f"{source}: {sorted(both)} both searched (params) and fixed")
     params = {name: _param(source, name, raw) for name, raw in raw_params.items()}
-    for name, derived in info.derived.items():
+    for name, derived in spec.derived.items():
         clash = [r for r in derived.replaces if name in params and (r in params or r in fixed)]
         if clash:
             raise InputError(f"{source}: {name} ({derived.doc}) and {clash[0]} cannot both be given")

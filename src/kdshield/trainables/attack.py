@@ -140,7 +140,7 @@ def run_attack(job: AttackJob) -> dict:
     from kdshield.defenses.losses import CrossEntropy
     from kdshield.trainables.engine import copy_model, run_stage
     from kdshield.trainables.inference import evaluate
-    from kdshield.trainables.stage import ModelSpec, Phase, Stage
+    from kdshield.defenses.stage import ModelSpec, Phase, Stage
 
     connect(job.scaling.address)
     with staged(out) as stage_dir:

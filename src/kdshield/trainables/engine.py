@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from kdshield.config import ScalingSettings, TrainSettings
-from kdshield.trainables.stage import Stage
+from kdshield.defenses.stage import Stage
 
 HF_MODEL_DIR = "hf_model"
 ADAPTER_DIR = "adapter"
@@ -269,7 +269,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     teacher = None
     if stage.live_teacher is not None:
         from kdshield.models import model_family
-        from kdshield.trainables.inference import model_outputs
+        from kdshield.models.outputs import model_outputs
 
         teacher, _ = load_classifier(stage.live_teacher.source, stage.live_teacher.num_labels,
                                      attn_implementation=stage.live_teacher.attn_implementation)

@@ -1,9 +1,8 @@
 """What a caller (a Tune trial) can plug into a defense without touching its recipe.
 
-:class:`DefenseHooks` travels into :class:`kdshield.trainables.defend.Defense`; every recipe
-(BeDKD and its baselines, MBTSAD, RobustKD, W2SDefense) gets it for free because the hooks act in
-the Defense methods every recipe already calls (``stream``, ``with_teacher``, ``logits``, and
-``run_stage``, through which every stage of every recipe runs), never inside a recipe.
+:class:`DefenseHooks` travels into :class:`kdshield.trainables.context.JobContext`; every recipe
+gets it for free because the hooks act in the context methods every recipe calls (``stream``,
+``teacher``, ``predict``, and ``run_stage``, through which every stage of every recipe runs), never inside a recipe.
 """
 
 from __future__ import annotations

@@ -31,7 +31,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from kdshield.datasets import stratified_split, write_table
+from kdshield.datasets.subsets import with_labels
+from kdshield.defenses.bedkd.recipe import clean_sets, identify_poisoned, train_dmm
+from kdshield.trainables.attack import tokenized_stream
+from kdshield.trainables.context import JobContext
+from kdshield.trainables.defend import resolve_inputs
+from kdshield.trainables.hooks import DefenseHooks
+from kdshield.trainables.inference import predict_logits
 from kdshield.trainables.runs import say, write_json
 
 VAL, FLAGGED, TRIGGERED = "val", "flagged", "triggered"
@@ -65,11 +74,6 @@ def build_probe(job, shared: Path, *, cache, val_fraction: float, probe_n: int, 
     With ``triggered_rows`` > 0 (benchmarks only), a seeded subset of the triggered test set
     labelled with the target label is written too, for per-epoch ASR estimates.
     """
-    from kdshield.datasets import stratified_split, write_table
-    from kdshield.trainables.defend import (Defense, _with_labels, bedkd_clean_sets, bedkd_dmm, bedkd_identify,
-                                            resolve_inputs)
-    from kdshield.trainables.hooks import DefenseHooks
-
     done = shared / "probe.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -86,14 +90,14 @@ def build_probe(job, shared: Path, *, cache, val_fraction: float, probe_n: int, 
     work = shared / "probe-work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    d = Defense(job, inputs, work, DefenseHooks(cache=cache))
-    c = d.config
+    ctx = JobContext(job, inputs, job.spec.parse(job.params), work, DefenseHooks(cache=cache))
+    c = ctx.config
     # The DMM and identification exactly as run_bedkd does them, so a BeDKD trial with these
     # settings reuses the cached DMM stage.
-    _, dmm_clean = bedkd_clean_sets(d)
-    found = bedkd_identify(d, bedkd_dmm(d, dmm_clean), calibration=val, n_p=probe_n)
+    _, dmm_clean = clean_sets(ctx)
+    found = identify_poisoned(ctx, train_dmm(ctx, dmm_clean), calibration=val, n_p=probe_n)
     rows, preds, target = found.rows, found.preds, found.info["suspected_target"]
-    flagged = _with_labels(inputs.train.take(pa.array(rows, pa.int64())), preds[rows])
+    flagged = with_labels(inputs.train.take(pa.array(rows, pa.int64())), preds[rows])
     write_table(flagged, shared / "flagged.parquet")
     info: dict[str, Any] = {"n_val": val.num_rows, "n_clean_train": clean_train.num_rows,
                             "n_flagged": int(len(rows)), "suspected_target": int(target),
@@ -105,7 +109,7 @@ def build_probe(job, shared: Path, *, cache, val_fraction: float, probe_n: int, 
         t = inputs.triggered
         pick = np.sort(np.random.default_rng(seed).permutation(t.num_rows)[:triggered_rows])
         sub = t.take(pa.array(pick, pa.int64()))
-        write_table(_with_labels(sub, np.full(sub.num_rows, inputs.target_label)), shared / "triggered.parquet")
+        write_table(with_labels(sub, np.full(sub.num_rows, inputs.target_label)), shared / "triggered.parquet")
         info["n_triggered"] = sub.num_rows
     shutil.rmtree(work, ignore_errors=True)
     info["seconds"] = time.perf_counter() - t0
@@ -117,8 +121,6 @@ def build_probe(job, shared: Path, *, cache, val_fraction: float, probe_n: int, 
 
 def eval_tables(shared: Path) -> dict[str, pa.Table]:
     """The probe's evaluation tables that are not empty: val, flagged, (triggered)."""
-    import pyarrow.parquet as pq
-
     out = {}
     for name in (VAL, FLAGGED, TRIGGERED):
         path = shared / f"{name}.parquet"
@@ -132,9 +134,6 @@ def eval_tables(shared: Path) -> dict[str, pa.Table]:
 def final_scores(model_dir: str, tables: dict[str, pa.Table], *, num_labels: int, tokenizer_dir: str,
                  max_length: int, pad_ids, padding_side, cpus: float) -> dict[str, float]:
     """The defender score of a finished model by batch inference (when no epoch reported it)."""
-    from kdshield.trainables.attack import tokenized_stream
-    from kdshield.trainables.inference import predict_logits
-
     accs = {}
     for name, table in tables.items():
         logits, labels = predict_logits(tokenized_stream(table, tokenizer_dir, max_length), model_dir, num_labels,

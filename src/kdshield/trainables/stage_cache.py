@@ -188,8 +188,9 @@ class StageCache:
                 "root": str(self.root)}
 
     # -- tokenised streams (in-process) ---------------------------------------------------
-    def stream(self, table: pa.Table, tokenizer_dir: str, max_length: int, build: Callable[[], Any]):
-        key = _digest("stream", table_fingerprint(table), self.model_hash(tokenizer_dir), max_length)
+    def stream(self, table: pa.Table, tokenizer_dir: str, max_length: int, build: Callable[[], Any],
+               prefix: str = ""):
+        key = _digest("stream", table_fingerprint(table), self.model_hash(tokenizer_dir), max_length, prefix)
         hit = key in self._streams
         if not hit:
             self._streams[key] = self.remember(build(), key)
@@ -237,7 +238,7 @@ class StageCache:
         """A JSON-able description of a stage field: model specs by content hash, losses by repr."""
         import dataclasses
 
-        from kdshield.trainables.stage import ModelSpec, Phase
+        from kdshield.defenses.stage import ModelSpec, Phase
 
         if isinstance(value, ModelSpec):
             return {**{f.name: repr(getattr(value, f.name)) for f in dataclasses.fields(value)},

@@ -53,17 +53,21 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from kdshield.cluster import NodeResources, connect, ordered_data, plan_resources
 from kdshield.config import ScalingSettings, _Settings, parse_settings
+from kdshield.defenses.bedkd.config import BeDKDConfig
 from kdshield.errors import InputError
+from kdshield.evaluation.objectives import OBJECTIVES, SCALAR_MODES
+from kdshield.models import load_tokenizer, resolve_model
+from kdshield.search_spaces import load_space
+from kdshield.trainables.attack import tokenized_stream
+from kdshield.trainables.defend import DefendJob, check_job, resolve_inputs, run_defend, warn_if_headless
+from kdshield.trainables.hooks import DefenseHooks
+from kdshield.trainables.objective import build_probe, eval_tables, final_scores, from_eval_metrics
 from kdshield.trainables.runs import say, write_json
+from kdshield.trainables.stage_cache import StageCache, read_events
+from kdshield.trainables.stage_runs import StageRuns
 
-OBJECTIVES = {  # name -> (metrics, modes)
-    "defender": (["defender_score"], ["max"]),
-    "asr": (["asr"], ["min"]),
-    "cacc": (["cacc"], ["max"]),
-    "asr+cacc": (["asr", "cacc"], ["min", "max"]),
-}
-SCALAR_MODES = {"defender_score": "max", "asr": "min", "cacc": "max"}
 EXPERIMENT = "tune"
 
 
@@ -137,27 +141,12 @@ def _check_storage(url: str) -> None:
 
 def _local_plan(job: TuneJob, concurrent: int):
     """Resources of the local Ray that connect() will start, checked before it starts."""
-    scaling = job.scaling
-    try:
-        from kdshield.cluster import NodeResources, plan_resources
-    except ImportError:  # kdshield.cluster without resource plans: a minimal check
-        need = scaling.workers * scaling.cpus_per_worker + job.cpus_per_trial
-        if need > (os.cpu_count() or 1):
-            raise InputError(f"scaling: a trial needs {need:g} CPUs; this machine has {os.cpu_count()} "
-                             "(local Ray, no autoscaler)") from None
-        return None
-    import torch
-
     node = NodeResources("local", float(os.cpu_count() or 1), float(torch.cuda.device_count()), True)
-    return plan_resources(scaling, concurrent, autoscaler=False, nodes=[node], trial_driver_cpus=job.cpus_per_trial)
+    return plan_resources(job.scaling, concurrent, autoscaler=False, nodes=[node], trial_driver_cpus=job.cpus_per_trial)
 
 
 def validate(job: TuneJob):
-    """Everything that can be checked without Ray; returns (space, defend template, identity)."""
-    from kdshield.defenses.bedkd import BeDKDConfig
-    from kdshield.search_spaces import load_space
-    from kdshield.trainables.defend import DefendJob, check_model_settings, resolve_inputs, warn_if_headless
-
+    """Everything that can be checked without Ray; returns (space, defend template, probe settings)."""
     space = load_space(job.method, job.space, fixed=job.fixed)
     probe = parse_settings(BeDKDConfig, {**_probe_defaults(space), **job.probe}, source="tune probe settings")
     template = DefendJob(method=job.method, run=job.run, out=str(Path(job.out) / "unused"), scaling=job.scaling)
@@ -166,7 +155,7 @@ def validate(job: TuneJob):
     for name, p in space.params.items():  # the model-dependent checks, at every range end
         for value in p.values_to_check():
             sampled = {**{n: q.first() for n, q in space.params.items()}, name: value}
-            check_model_settings(template.model_copy(update={"params": space.settings(sampled)}), inputs)
+            check_job(template.model_copy(update={"params": space.settings(sampled)}), inputs)
     metrics = set(OBJECTIVES[job.objective][0]) | ({job.asha_metric} if job.scheduler == "asha" else set())
     if "asr" in metrics and inputs.triggered is None:
         raise InputError(f"--objective {job.objective} / --asha-metric {job.asha_metric}: the RUN has no triggered "
@@ -180,11 +169,9 @@ def validate(job: TuneJob):
 
 
 def _probe_defaults(space) -> dict[str, Any]:
-    """The probe runs BeDKD's DMM at the space's fixed settings where they are BeDKD fields (for
-    bedkd, ft and kd; the other methods' settings mean other things and leave the probe alone)."""
-    from kdshield.defenses.bedkd import BeDKDConfig
-
-    if space.info.config_class() is not BeDKDConfig:
+    """The probe runs BeDKD's DMM at the space's fixed settings where they are BeDKD's DMM fields
+    (for bedkd; other methods' settings of the same name mean other things and leave it alone)."""
+    if space.spec.config is not BeDKDConfig:
         return {}
     keep = set(BeDKDConfig.model_fields) - {"gamma", "target_frr", "n_p"}
     return {k: v for k, v in space.fixed.items() if k in keep}
@@ -282,15 +269,6 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     """One trial (runs in a Tune actor): the defense through run_defend, scored, recorded."""
     import ray.tune
 
-    from kdshield.trainables.attack import tokenized_stream
-    from kdshield.trainables.defend import DefendJob, run_defend
-    from kdshield.trainables.hooks import DefenseHooks
-    from kdshield.trainables.objective import eval_tables, final_scores, from_eval_metrics
-    from kdshield.trainables.stage_cache import StageCache
-    from kdshield.trainables.stage_runs import StageRuns
-
-    from kdshield.cluster import ordered_data
-
     ordered_data()  # this trial's actor builds and reads its streams in the order a re-run will
     t0 = time.perf_counter()
     space, out = ctx["space"], Path(ctx["out"])
@@ -314,8 +292,6 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     wanted = set(ctx["metrics"])
     if "asr" not in wanted:
         tables.pop("triggered", None)
-    from kdshield.models import resolve_model
-
     model_dir = resolve_model(str(Path(ctx["run"]) / "model"))
     cache = StageCache(ctx["cache"]) if ctx["cache"] else None
     streams = {name: tokenized_stream(t, model_dir, config_obj.max_length) for name, t in tables.items()
@@ -337,7 +313,6 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         if metrics.get("history", {}).get(stage):
             last = from_eval_metrics(metrics["history"][stage][-1]) or {}
     if "defender_score" not in last:
-        from kdshield.models import load_tokenizer
 
         tok = load_tokenizer(model_dir)
         last = final_scores(str(Path(job.out) / "model"), tables, num_labels=_num_labels(ctx["run"]),
@@ -398,13 +373,13 @@ def _sampler(name: str, seed: int):
 
 
 def _max_t(space) -> int:
-    for name in ("akd_cycles",):
-        p = space.params.get(name)
-        if p is not None:
-            return int(max(p.values_to_check())) + 1
-        if name in space.fixed:
-            return int(space.fixed[name]) + 1
-    return 100
+    """ASHA's horizon: the most epochs of the stage that trains the defended model (the setting the
+    method registered as its epoch count), plus the final report."""
+    name = space.spec.epoch_setting
+    p = space.params.get(name)
+    if p is not None:
+        return int(max(p.values_to_check())) + 1
+    return int(space.fixed.get(name, space.spec.config.model_fields[name].default)) + 1
 
 
 def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: int = 0):
@@ -419,7 +394,7 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
     needed = sorted(set(metrics) | ({job.asha_metric} if job.scheduler == "asha" else set()))
     ctx = {"space": space, "out": str(out), "run": str(Path(job.run).resolve()),
            "scaling": job.scaling.model_dump(), "cache": _cache_dir(job) if job.shared_work else None,
-           "final_stages": list(space.info.final_stages), "metrics": needed,
+           "final_stages": list(space.spec.final_stages), "metrics": needed,
            "checkpoint_interval_s": job.checkpoint_interval_s}
     # A trial's own driver needs next to nothing (Ray Train's controller reserves 0 CPUs); Tune
     # refuses an all-zero request, so a zero-CPU trial asks for 1 MiB of memory instead.
@@ -464,10 +439,6 @@ def study_trials(url: str, name: str) -> list:
 
 def run_tune(job: TuneJob) -> dict[str, Any]:
     """Validate, plan, probe once, search; returns a summary (also ``OUT/summary.json``)."""
-    from kdshield.cluster import connect
-    from kdshield.trainables.defend import DefendJob
-    from kdshield.trainables.objective import build_probe
-    from kdshield.trainables.stage_cache import StageCache
 
     space, template, probe = validate(job)
     identity = job.identity(space)
@@ -495,7 +466,6 @@ def run_tune(job: TuneJob) -> dict[str, Any]:
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # Tune's experiment state, often
     connect(job.scaling.address)
     if job.scaling.address:
-        from kdshield.cluster import plan_resources
 
         plan = plan_resources(job.scaling, concurrent, trial_driver_cpus=job.cpus_per_trial)
     if plan is not None:
@@ -547,7 +517,6 @@ def trial_results(out: str | Path) -> list[dict[str, Any]]:
 
 
 def summarize(out: Path, cache: Path) -> dict[str, Any]:
-    from kdshield.trainables.stage_cache import read_events
 
     rows = trial_results(out)
     events = read_events(cache)

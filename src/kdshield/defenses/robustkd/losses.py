@@ -1,100 +1,20 @@
-"""RobustKD: feature-variance detoxification for distilling a backdoored teacher (pure PyTorch).
+"""RobustKD's losses (pure PyTorch): the detoxification masks and feature distillation.
 
-The paper (../shared/papers/robustkd.md; the authors' code is for images) compresses a
-possibly backdoored teacher into a smaller student in two steps:
-
-1. **Feature detoxification** (Sec. 4.2): for each chosen teacher layer, the detoxified
-   feature is ``F' = F + m * p`` (Eq. 7, the default: ``detox="additive"``) or
-   ``F' = (1 - m) * F + m * p`` (Eq. 15, the authors' code: ``detox="interpolate"``), where
-   ``p`` is a learned tensor the size of ``F``, initialised from the mean clean feature, and
-   ``m`` the mask threshold (0.2 default, 0.1 best in the paper). The masks are optimised with
-   ``L_t = L_ce + L_f`` (Eq. 8-10): ``L_f = Var(F')`` and ``L_ce = CE(B(F'_last), y)`` with
-   ``B`` the teacher's own (frozen) classifier head (:class:`DetoxLoss`).
-2. **Feature distillation** (Sec. 4.3): the student learns the detoxified features of all
-   chosen layers through linear connectors (student width -> teacher width), plus CE on the
-   labels (:class:`FeatureKDLoss`); without masks this is plain feature distillation, which
-   the paper shows carries the backdoor over.
-
-Porting to text transformers: a layer's *feature* is its pooled hidden state (the [CLS]
-position for encoders, the last real token for decoders: the position the classifier reads),
-one ``[H]`` vector per sample and layer. A per-token mask would have no meaning across texts of
-different lengths, and the pooled feature is what ``B`` classifies. ``Var`` is the variance of
-a sample's feature values (over the hidden dimension), averaged over the batch: the paper's
-observation is that a backdoored model's features vary more *within* an example.
-
-Batches carry ``teacher_hidden_states`` [B, N+1, H] (every hidden state of the teacher,
-pooled; index 0 is the embedding output), cached once by batch inference, and ``label`` [B].
+A layer's *feature* is its pooled hidden state (the [CLS] position for encoders, the last real
+token for decoders: the position the classifier reads), one ``[H]`` vector per sample and layer.
+Batches carry ``teacher_hidden_states`` [B, N+1, H] (every hidden state of the teacher, pooled;
+index 0 is the embedding output), cached once by batch inference, and ``label`` [B].
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 
-from kdshield.config import _Settings
 from kdshield.defenses.losses import StageLoss
+from kdshield.models.pooling import pool
 
 TEACHER_FEATURES = "teacher_hidden_states"
-
-
-class RobustKDConfig(_Settings):
-    """RobustKD settings (also those of the ``feature-kd`` baseline: the same student and
-    distillation without masks). Defaults: the paper's for the mask (m 0.2, 40 epochs, lr 1e-3,
-    all layers); distillation epochs scaled down from its 300 (CIFAR, students from scratch)
-    for a student copied from the teacher's blocks."""
-
-    student: str = Field("copy", description=(
-        "'copy': a reduced-depth copy of the teacher's architecture (student_layers); or a model "
-        "preset / local directory (e.g. tiny-bert) that shares the teacher's tokenizer"))
-    student_layers: list[int] | None = Field(None, description=(
-        "for student=copy: the teacher's blocks (0-based) the student keeps, ascending; default "
-        "every other block, ending with the last (6 blocks -> [1, 3, 5])"))
-    student_init: Literal["pretrained", "random"] = Field("pretrained", description=(
-        "student weights: copied from the teacher (pretrained; the kept blocks, embeddings and head) "
-        "or freshly initialised (random: a student trained from scratch, as in the paper)"))
-    teacher_layers: list[int] | None = Field(None, description=(
-        "teacher hidden-state indices (1 = first block ... N = last) detoxified and distilled; must "
-        "end with N, whose feature the classifier reads. Default: one per student block (for a copy, "
-        "the blocks it was copied from; else evenly spaced)"))
-    student_feature_layers: list[int] | None = Field(None, description=(
-        "the student's hidden-state indices paired with teacher_layers (default: its last "
-        "len(teacher_layers) blocks)"))
-    m: float = Field(0.2, ge=0, description="mask threshold m (paper: 0.2 default, 0.1 best)")
-    detox: Literal["additive", "interpolate"] = Field("additive", description=(
-        "additive: F' = F + m p (paper Eq. 7, better in its Fig. 5); interpolate: F' = (1-m) F + m p "
-        "(Eq. 15, the authors' code)"))
-    var_weight: float = Field(1.0, ge=0, description="weight of L_f = Var(F') in the mask loss (Eq. 10)")
-    mask_ce_weight: float = Field(1.0, ge=0, description="weight of CE(B(F'_last), y) in the mask loss (Eq. 10)")
-    mask_epochs: int = Field(40, ge=1, description="mask optimisation epochs (paper: 40)")
-    mask_lr: float = Field(1e-3, gt=0, le=1, description="mask learning rate (paper: 1e-3)")
-    feature_weight: float = Field(1.0, ge=0, description="weight of the feature MSE in distillation")
-    ce_weight: float = Field(1.0, ge=0, description="weight of CE on labels in distillation")
-    distill_epochs: int = Field(10, ge=1, description="feature-distillation epochs (paper: 300, from scratch)")
-    distill_lr: float = Field(5e-5, gt=0, le=1, description="feature-distillation learning rate")
-    n_c: int | None = Field(None, ge=1, description="clean samples per class (None: all of --clean)")
-    batch_size: int = Field(32, ge=1, description="micro-batch size of both stages")
-    max_length: int = Field(64, ge=8, le=8192, description="tokens per sample after truncation")
-    seed: int = Field(0, description="seed of clean sampling, student init and training")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.detox == "interpolate" and self.m > 1:
-            raise ValueError(f"detox=interpolate needs m in [0, 1], got m={self.m}")
-        for name in ("student_layers", "teacher_layers", "student_feature_layers"):
-            value = getattr(self, name)
-            if value is not None:
-                if not value:
-                    raise ValueError(f"{name} must not be empty")
-                if any(b <= a for a, b in zip(value, value[1:])):
-                    raise ValueError(f"{name} must be strictly ascending, got {value}")
-        if self.student_layers is not None and self.student != "copy":
-            raise ValueError("student_layers applies to student=copy only")
-        if self.var_weight == 0 and self.mask_ce_weight == 0:
-            raise ValueError("var_weight and mask_ce_weight are both 0: the mask would learn nothing")
-        return self
 
 
 def detoxify(features: torch.Tensor, p: torch.Tensor, m: float, form: str = "additive") -> torch.Tensor:
@@ -218,7 +138,7 @@ class FeatureKDLoss(StageLoss):
                 f"detox={self.module.detox})")
 
     def __call__(self, outputs, batch):
-        from kdshield.models.pooling import pool
+
 
         mask = batch["attention_mask"]
         states = outputs.hidden_states
