@@ -12,10 +12,9 @@ import torch
 
 from kdshield.config import parse_settings
 from kdshield.datasets import pad_collate
-from kdshield.defenses.bedkd import (
-    BeDKDConfig,
-    DistillLoss,
-    PunishLoss,
+from kdshield.defenses.bedkd.config import BeDKDConfig
+from kdshield.defenses.bedkd.losses import DistillLoss, PunishLoss
+from kdshield.defenses.bedkd.identify import (
     backdoor_confidence,
     calibrate_gamma,
     flip_labels,

@@ -14,7 +14,9 @@ import torch
 
 from kdshield.cli import main
 from kdshield.datasets import split_count, split_tokens, token_split_table
-from kdshield.defenses.mbtsad import MBTSADConfig, MBTSADLoss, attention_transfer, hidden_mse
+from kdshield.defenses.losses import masked_mse
+from kdshield.defenses.mbtsad.config import MBTSADConfig
+from kdshield.defenses.mbtsad.losses import MBTSADLoss, attention_transfer
 from kdshield.models.attention import attention_enhancement, tap_attentions
 
 from test_cli import no_ray, run_cli, sentiment, write  # noqa: F401  (a fixture and helpers)
@@ -128,10 +130,10 @@ def test_attention_transfer_ignores_padding():
     assert attention_transfer(s, t).item() > 0.5  # without the mask the garbage counts
 
 
-def test_hidden_mse_over_real_tokens():
+def test_masked_mse_over_real_tokens():
     s = torch.zeros(1, 3, 2)
     t = torch.tensor([[[1.0, 1.0], [0.0, 2.0], [100.0, 100.0]]])
-    assert hidden_mse(s, t, torch.tensor([[1, 1, 0]])).item() == pytest.approx((1 + 1 + 0 + 4) / 4)
+    assert masked_mse(s, t, torch.tensor([[1, 1, 0]])).item() == pytest.approx((1 + 1 + 0 + 4) / 4)
 
 
 def _fake_batch(L=3, layers=2, H=2, C=2):
@@ -153,7 +155,7 @@ def test_mbtsad_loss_combines_the_terms():
     ce = torch.nn.functional.cross_entropy(logits, batch["label"]).item()
     att = sum(attention_transfer(attention_enhancement(p), batch["teacher_ae_token_map"][:, n], batch["attention_mask"])
               for n, p in enumerate(probs)).mean().item()
-    hid = sum(hidden_mse(h, batch["teacher_layer_seq"][:, n], batch["attention_mask"]) for n, h in enumerate(hidden)).item()
+    hid = sum(masked_mse(h, batch["teacher_layer_seq"][:, n], batch["attention_mask"]) for n, h in enumerate(hidden)).item()
     assert logs["att"] == pytest.approx(att, rel=1e-5) and logs["hid"] == pytest.approx(hid, rel=1e-5)
     assert value.item() == pytest.approx(att + 0.5 * ce + 2.0 * hid, rel=1e-5)
     # CE only (the paper's CD ablation) reads no teacher column

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from kdshield.cli import main
-from kdshield.defenses.robustkd import (Connectors, Detox, DetoxLoss, FeatureKDLoss, RobustKDConfig, detoxify,
-                                        feature_variance)
+from kdshield.defenses.robustkd.config import RobustKDConfig
+from kdshield.defenses.robustkd.losses import (Connectors, Detox, DetoxLoss, FeatureKDLoss, detoxify,
+                                               feature_variance)
 
 from test_cli import no_ray, run_cli, sentiment, write  # noqa: F401  (a fixture and helpers)
 
@@ -145,7 +146,7 @@ def test_reduced_depth_copy_keeps_the_chosen_blocks():
 
 def test_plan_student_defaults(tmp_path):
     from kdshield.models import count_parameters, resolve_model
-    from kdshield.trainables.defend_feature import plan_student
+    from kdshield.defenses.robustkd.recipe import plan_student
 
     teacher = resolve_model("tiny-bert")
     plan = plan_student(RobustKDConfig(), teacher)

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from kdshield.cli import main
-from kdshield.defenses.w2s import (AUTHORS_WEIGHTS, ProjectedHead, TeacherLoss, W2SConfig, W2SLoss, distill_kl,
-                                   fit_projection)
+from kdshield.defenses.losses import kl_at_temperature
+from kdshield.defenses.w2s.config import AUTHORS_WEIGHTS, LoraFTConfig, W2SConfig
+from kdshield.defenses.w2s.losses import ProjectedHead, TeacherLoss, W2SLoss, fit_projection
 from kdshield.models.pooling import last_token_index, pool
 
 from test_cli import no_ray, run_cli, sentiment, write  # noqa: F401  (a fixture and helpers)
@@ -59,10 +60,10 @@ def test_w2s_loss_terms_by_hand():
     assert logs["kl"] == pytest.approx(kl, rel=1e-5)
     assert logs["fa"] == pytest.approx(1.5, rel=1e-6)
     assert value.item() == pytest.approx(5.0 * ce + 0.5 * kl + 0.25 * fa, rel=1e-6)
-    assert distill_kl(t, t, 2.0).item() == pytest.approx(0.0, abs=1e-7)  # a perfect match costs nothing
+    assert kl_at_temperature(t, t, 2.0).item() == pytest.approx(0.0, abs=1e-7)  # a perfect match costs nothing
 
 
-def test_lora_ft_loss_is_ce_only_and_needs_no_hidden_states():
+def test_w2s_loss_without_soft_terms_is_ce_only_and_needs_no_hidden_states():
     s, y = torch.tensor([[0.5, -0.5]]), torch.tensor([1])
     loss = W2SLoss(1.0, 0.0, 0.0)
     assert not loss.needs_hidden_states

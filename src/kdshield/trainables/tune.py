@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import Field
 
 from kdshield.cluster import NodeResources, connect, ordered_data, plan_resources

@@ -7,6 +7,7 @@ probabilities; a suspect training sample is called poisoned when its MEPD is bel
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
