@@ -41,6 +41,18 @@ VARIANTS = {"bedkd-unbounded": ("bedkd", {"punish": "unbounded"}),
             "bedkd-m2": ("bedkd", {"punish_margin": 2.0})}
 
 
+# ft and kd get the AKD share of the budget under their own names, so the rows compare one budget
+BASELINE_NAMES = {"n_c": "n_c", "akd_cycles": "epochs", "akd_lr": "lr", "batch_size": "batch_size",
+                  "max_length": "max_length", "seed": "seed"}
+KD_NAMES = {**BASELINE_NAMES, "lam": "lam", "akd_temperature": "temperature"}
+
+
+def settings_for(method: str, budget: dict) -> dict:
+    """The budget (BeDKD's settings) in ``method``'s own settings: ft and kd train like AKD."""
+    names = {"ft": BASELINE_NAMES, "kd": KD_NAMES}.get(method)
+    return dict(budget) if names is None else {names[k]: v for k, v in budget.items() if k in names}
+
+
 def punish_activity(metrics: dict) -> str | None:
     """The share (%) of the punish loss's hinge terms still below their bound in the first, third
     and last AKD cycle, "a/b/c": where it reaches ~0 the punished samples are past the bound and
@@ -140,7 +152,7 @@ def main() -> None:
                     continue
                 base, extra = VARIANTS.get(method, (method, {}))
                 m = run_defend(DefendJob(method=base, run=str(run), out=str(work / dataset / attack / method),
-                                         overwrite=True, params={**budget, **extra},
+                                         overwrite=True, params=settings_for(base, {**budget, **extra}),
                                          scaling=SCALING))
                 rows.append({"dataset": dataset, "attack": attack, "method": method, "CACC %": m["cacc"],
                              "ASR %": m["asr"], "no-trigger ASR %": m.get("asr_no_trigger"), "FAR %": m.get("far"), "FRR %": m.get("frr"),

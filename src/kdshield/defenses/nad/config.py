@@ -29,6 +29,8 @@ class NADConfig(_Settings):
     layers: list[int] | None = Field(None, description=(
         "hidden-state indices (1 = first block ... N = last) whose attention maps are distilled "
         "(default: every block; the paper: the last layer of each residual group)"))
+    evaluate_teacher: bool = Field(True, description=(
+        "also report CACC/ASR of the fine-tuned teacher (metrics['teacher']): NAD against fine-tuning alone"))
     batch_size: int = Field(16, ge=1, description="micro-batch size of both stages")
     max_length: int = Field(64, ge=8, le=8192, description="tokens per sample after truncation")
     seed: int = Field(0, description="seed of clean sampling and training")

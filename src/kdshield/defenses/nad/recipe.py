@@ -41,8 +41,12 @@ def run_nad(ctx: Context) -> tuple[str, dict]:
     suspect = ModelSpec(i.model_dir, i.num_labels)
     teacher = str(ctx.train("teacher", suspect, [Phase("clean", CrossEntropy())], {"clean": clean},
                             epochs=c.teacher_epochs, lr=c.teacher_lr).model_dir)
+    info: dict = {"distilled_layers": layers}
+    if c.evaluate_teacher:
+        ctx.say("evaluating the fine-tuned teacher")
+        info["teacher"] = ctx.evaluate(teacher)
     live = ModelSpec(teacher, i.num_labels) if ctx.live_teachers else None
     streams = {"clean": clean if live else ctx.teacher(clean, teacher, TEACHER_OUTPUTS)}
     result = ctx.train("distill", suspect, [Phase("clean", NADLoss(c.beta, layers, c.p))], streams,
                        epochs=c.epochs, lr=c.lr, live_teacher=live, live_outputs=TEACHER_OUTPUTS)
-    return str(result.model_dir), {"distilled_layers": layers}
+    return str(result.model_dir), info
