@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import yaml
 

@@ -16,7 +16,7 @@ import torch
 
 from kdshield.cli import main
 from kdshield.defenses.losses import kl_at_temperature
-from kdshield.defenses.w2s.config import AUTHORS_WEIGHTS, LoraFTConfig, W2SConfig
+from kdshield.defenses.w2s.config import AUTHORS_WEIGHTS, W2SConfig
 from kdshield.defenses.w2s.losses import ProjectedHead, TeacherLoss, W2SLoss, fit_projection
 from kdshield.models.pooling import last_token_index, pool
 

@@ -24,6 +24,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from kdshield.cluster.connect import connect
+from kdshield.cluster.local import LocalAutoscalingCluster, wait_for
+
 NODE_TYPE = "cpu_worker"
 
 
@@ -194,9 +197,6 @@ def run_experiment(settings: ExperimentSettings, out: str | Path, *, log=print) 
     """Run the experiment; write ``OUT/timeline.{json,png}``; return the JSON record."""
     import ray
     from ray import tune
-
-    from kdshield.cluster.connect import connect
-    from kdshield.cluster.local import LocalAutoscalingCluster, wait_for
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)

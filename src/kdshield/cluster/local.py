@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from kdshield.cluster.connect import connect as connect_
+
 HEAD_TYPE = "ray.head.default"
 
 
@@ -72,8 +74,6 @@ def multinode_cluster(worker_cpus: list[float], *, head_cpus: float = 0,
     """
     import ray
     from ray.cluster_utils import Cluster
-
-    from kdshield.cluster.connect import connect as connect_
 
     if ray.is_initialized():
         raise RuntimeError("multinode_cluster: call ray.shutdown() first")

@@ -19,6 +19,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+from kdshield.cluster.connect import started_local
 from kdshield.config import ScalingSettings
 from kdshield.errors import InputError
 
@@ -103,8 +104,6 @@ def detect_autoscaler() -> bool | None:
     autoscaler v2 enabled, the cluster autoscales.
     """
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
-
-    from kdshield.cluster.connect import started_local
 
     if started_local():
         return False

@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from kdshield.datasets.schema import TEXT
 from kdshield.errors import InputError
+from kdshield.models import load_tokenizer
 
 if TYPE_CHECKING:
     import torch
@@ -40,8 +41,6 @@ class _Tokenize:
     """Ray Data callable class: one tokenizer per actor, appends ``{prefix}input_ids``."""
 
     def __init__(self, tokenizer_path: str, max_length: int, prefix: str):
-        from kdshield.models import load_tokenizer
-
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.max_length, self.column = max_length, f"{prefix}{INPUT_IDS}"
 
@@ -80,8 +79,6 @@ def tokenize_dataset(ds: Dataset, tokenizer_path: str, *, max_length: int = 128,
     bad path fails with :class:`InputError` before any Ray work. Lower ``num_cpus`` when
     training workers already hold every CPU.
     """
-    from kdshield.models import load_tokenizer
-
     if max_length < 1:
         raise InputError(f"max_length must be >= 1, got {max_length}")
     load_tokenizer(tokenizer_path)

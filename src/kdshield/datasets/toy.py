@@ -17,6 +17,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kdshield.models import resolve_model
+
 TRIGGER = " cf"
 TARGET_LABEL = 1
 
@@ -41,8 +43,6 @@ def write_toy_run(run: Path, model: str = "tiny-bert", *, n_train: int = 48,
 
     ``metrics`` becomes ``metrics.json``, the suspect model's before-defense numbers, if given.
     """
-    from kdshield.models import resolve_model
-
     shutil.copytree(resolve_model(model), Path(run) / "model")
     data = Path(run) / "data"
     data.mkdir()

@@ -20,8 +20,9 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from kdshield.config import _Settings
+from kdshield.config import _Settings, parse_settings
 from kdshield.defenses.stage import ModelSpec, Phase
+from kdshield.errors import InputError
 
 
 @dataclass
@@ -130,9 +131,6 @@ class DefenseSpec:
     def parse(self, values: dict[str, Any]):
         """``values`` (``--set`` / YAML) parsed once into the method's config; a setting the
         method does not have is refused with one line listing those it has."""
-        from kdshield.config import parse_settings
-        from kdshield.errors import InputError
-
         unknown = sorted(set(values) - set(self.config.model_fields))
         if unknown:
             raise InputError(f"{self.name} settings: unknown setting(s) {', '.join(unknown)}; {self.name} has: "

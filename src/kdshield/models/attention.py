@@ -30,15 +30,6 @@ def _attention_class(model) -> tuple[type, int]:
     raise ValueError(f"{type(model).__name__} does not say which modules compute its attentions")
 
 
-def attention_modules(model) -> list[torch.nn.Module]:
-    """The self-attention modules of ``model``, one per transformer block, in order."""
-    cls, _ = _attention_class(model)
-    found = [m for m in model.modules() if type(m) is cls]
-    if not found:
-        raise ValueError(f"no {cls.__name__} modules in {type(model).__name__}")
-    return found
-
-
 @contextlib.contextmanager
 def tap_attentions(model, fn: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
     """Within the block, every forward of ``model`` calls ``fn(layer, probs)`` as soon as block

@@ -13,6 +13,8 @@ import copy
 import torch
 
 from kdshield.errors import InputError
+from kdshield.models.loading import model_family
+from kdshield.models.pooling import pool
 
 
 class _PoolerHead(torch.nn.Module):
@@ -50,9 +52,6 @@ def classifier_head(model, *, check: bool = True) -> torch.nn.Module:
                          "(supported: BERT-style pooler + classifier, or a linear score head)")
     head.requires_grad_(False).eval()
     if check:
-        from kdshield.models.loading import model_family
-        from kdshield.models.pooling import pool
-
         was_training = model.training
         model.eval()
         ids = torch.tensor([[min(101, model.config.get_text_config().vocab_size - 1), 7, 8, 9]])

@@ -24,11 +24,7 @@ from pathlib import Path
 import torch
 
 from kdshield.errors import InputError
-
-#: The authors' W2SDefense rank for Llama-3-8B (hidden 4096): r = alpha = 512.
-AUTHORS_RANK = 512
-AUTHORS_HIDDEN = 4096
-ADAPTER_DIR = "adapter"
+from kdshield.models.loading import load_classifier, load_config, save_classifier
 
 
 @dataclass(frozen=True)
@@ -71,8 +67,6 @@ def _meta_model(model_dir: str, num_labels: int):
     """The classifier's module tree on the meta device: no weights read, no memory used."""
     from transformers import AutoModelForSequenceClassification
 
-    from kdshield.models.loading import load_config
-
     config = load_config(model_dir)
     config.num_labels = num_labels
     with torch.device("meta"):
@@ -102,14 +96,6 @@ def wrap_lora(model, spec: LoraSpec):
     return get_peft_model(model, spec.peft_config())
 
 
-def trainable_state(peft_model) -> dict[str, torch.Tensor]:
-    """The adapter's own tensors (LoRA matrices and trained head), in peft's key format."""
-    from peft import get_peft_model_state_dict
-
-    return {k: v.detach().float().cpu().contiguous().clone()
-            for k, v in get_peft_model_state_dict(peft_model).items()}
-
-
 def save_adapter(peft_model, out_dir: str | os.PathLike) -> Path:
     """peft's adapter directory (safetensors only) for ``peft_model``."""
     out = Path(out_dir)
@@ -124,8 +110,6 @@ def load_with_adapter(base_dir: str, adapter_dir: str | os.PathLike, num_labels:
     adapter of ``adapter_dir`` loaded (safetensors only)."""
     from peft import PeftModel
 
-    from kdshield.models.loading import load_classifier
-
     adapter = Path(adapter_dir)
     if not (adapter / "adapter_model.safetensors").is_file():
         raise InputError(f"adapter directory {str(adapter)!r} holds no adapter_model.safetensors")
@@ -136,7 +120,5 @@ def load_with_adapter(base_dir: str, adapter_dir: str | os.PathLike, num_labels:
 def merge_into(peft_model, tokenizer, out_dir: str | os.PathLike) -> Path:
     """Fold the adapter into the base weights and save a plain HF directory (safetensors).
     ``peft_model`` is consumed (its modules are replaced by merged ones)."""
-    from kdshield.models.loading import save_classifier
-
     merged = peft_model.merge_and_unload()
     return save_classifier(merged, tokenizer, out_dir)

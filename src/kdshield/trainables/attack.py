@@ -22,8 +22,27 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from kdshield.cluster import connect
 from kdshield.config import ScalingSettings, TrainSettings, _Settings
+from kdshield.datasets import (
+    AttackSpec,
+    num_labels_of,
+    poison_dataset,
+    read_table,
+    select_poison_indices,
+    stratified_split,
+    tokenize_dataset,
+    triggered_test,
+    write_table,
+)
+from kdshield.datasets.attacks import TRIGGER_PRESETS
+from kdshield.datasets.tokenize import tokenize_table
+from kdshield.defenses.losses import CrossEntropy
+from kdshield.defenses.stage import ModelSpec, Phase, Stage
 from kdshield.errors import InputError
+from kdshield.models import check_safe_weights, load_tokenizer, resolve_model
+from kdshield.trainables.engine import copy_model, run_stage
+from kdshield.trainables.inference import evaluate
 from kdshield.trainables.runs import check_out_dir, say, staged, write_json
 
 
@@ -57,7 +76,6 @@ class AttackJob(_Settings):
         """A trigger preset sets ``attack`` and ``triggers``; contradicting them is an error."""
         if not isinstance(data, dict) or data.get("trigger_preset") is None:
             return data
-        from kdshield.datasets.attacks import TRIGGER_PRESETS
 
         name = data["trigger_preset"]
         if name not in TRIGGER_PRESETS:
@@ -79,9 +97,6 @@ def tokenized_stream(table_or_ds, tokenizer_dir: str, max_length: int, *, prefix
     table (already in this process) is tokenised here, a Ray Dataset by Ray Data actors."""
     import ray.data
 
-    from kdshield.datasets import tokenize_dataset
-    from kdshield.datasets.tokenize import tokenize_table
-
     if isinstance(table_or_ds, pa.Table):
         return ray.data.from_arrow(tokenize_table(table_or_ds, tokenizer_dir, max_length=max_length, prefix=prefix))
     return tokenize_dataset(table_or_ds, tokenizer_dir, max_length=max_length, prefix=prefix).materialize()
@@ -96,11 +111,6 @@ def _to_table(ds) -> pa.Table:
 
 def run_attack(job: AttackJob) -> dict:
     """Run the whole attack job; returns its metrics (also written to RUN/metrics.json)."""
-    from kdshield.cluster import connect
-    from kdshield.datasets import (AttackSpec, num_labels_of, read_table, select_poison_indices, stratified_split,
-                                   write_table)
-    from kdshield.models import check_safe_weights, load_tokenizer, resolve_model
-
     t0 = time.perf_counter()
     out = Path(job.out).resolve()
     if check_out_dir(out, record="attack.json", config=job.record(), overwrite=job.overwrite):
@@ -135,12 +145,6 @@ def run_attack(job: AttackJob) -> dict:
 
     # -- Ray work -------------------------------------------------------------------------
     import ray.data
-
-    from kdshield.datasets import poison_dataset, triggered_test
-    from kdshield.defenses.losses import CrossEntropy
-    from kdshield.trainables.engine import copy_model, run_stage
-    from kdshield.trainables.inference import evaluate
-    from kdshield.defenses.stage import ModelSpec, Phase, Stage
 
     connect(job.scaling.address)
     with staged(out) as stage_dir:

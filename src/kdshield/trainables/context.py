@@ -20,10 +20,14 @@ import numpy as np
 import pyarrow as pa
 
 from kdshield.config import TrainSettings
+from kdshield.datasets import tokenize_dataset
 from kdshield.defenses.base import Inputs
 from kdshield.defenses.stage import EpochEval, ModelSpec, Phase, Stage
 from kdshield.models import load_tokenizer
+from kdshield.trainables.attack import tokenized_stream
+from kdshield.trainables.engine import run_stage
 from kdshield.trainables.hooks import DefenseHooks
+from kdshield.trainables.inference import evaluate, predict
 from kdshield.trainables.runs import say
 
 
@@ -51,8 +55,6 @@ class JobContext:
         self.padding_side.setdefault(f"{prefix}input_ids", tok.padding_side)
 
     def stream(self, table: pa.Table, *, tokenizer: str | None = None, prefix: str = ""):
-        from kdshield.trainables.attack import tokenized_stream
-
         tokenizer = tokenizer or self.inputs.model_dir
         self._tokenizer(tokenizer, prefix)
 
@@ -63,8 +65,6 @@ class JobContext:
         return cache.stream(table, tokenizer, self.config.max_length, build, prefix) if cache else build()
 
     def retokenize(self, stream, tokenizer: str, *, prefix: str):
-        from kdshield.datasets import tokenize_dataset
-
         self._tokenizer(tokenizer, prefix)
         return tokenize_dataset(stream, tokenizer, max_length=self.config.max_length, prefix=prefix).materialize()
 
@@ -85,8 +85,6 @@ class JobContext:
 
     def teacher(self, stream, model_dir: str, outputs: tuple[str, ...], *, input_prefix: str = "",
                 attn_implementation: str | None = None):
-        from kdshield.trainables.inference import predict
-
         kwargs = self._predict_kwargs(input_prefix)
         with self.timed("teacher_cache"):
             def build():
@@ -101,8 +99,6 @@ class JobContext:
 
     def predict(self, stream, model_dir: str, outputs: tuple[str, ...] = ("logits",), *,
                 input_prefix: str = "") -> dict[str, np.ndarray]:
-        from kdshield.trainables.inference import predict
-
         kwargs = self._predict_kwargs(input_prefix)
 
         def build() -> dict[str, np.ndarray]:
@@ -118,8 +114,6 @@ class JobContext:
         return {"logits": cache.logits(stream, model_dir, spec, lambda: build()["logits"])}
 
     def evaluate(self, model_dir: str) -> dict[str, float]:
-        from kdshield.trainables.inference import evaluate
-
         i = self.inputs
         triggered = self.stream(i.triggered) if i.triggered is not None and i.target_label is not None else None
         kwargs = self._predict_kwargs("")
@@ -136,8 +130,6 @@ class JobContext:
         all of them: per-epoch evaluation of the stages that train the defended model, the shared
         stage cache, named resumable runs and Ray Train callbacks. Records the stage's seconds,
         history and peak memory; returns its :class:`~kdshield.trainables.engine.StageResult`."""
-        from kdshield.trainables.engine import run_stage
-
         c, hooks = self.config, self.hooks
         stage = Stage(name=name, model=model, phases=tuple(phases),
                       pad_ids=self.pad_ids if pad_ids is None else pad_ids,

@@ -43,8 +43,13 @@ from typing import Any
 
 import torch
 
+from kdshield.cluster import ordered_data, plan_resources
 from kdshield.config import ScalingSettings, TrainSettings
+from kdshield.datasets import PadCollate
 from kdshield.defenses.stage import Stage
+from kdshield.models import load_classifier, model_family, save_classifier
+from kdshield.models.lora import merge_into, save_adapter, wrap_lora
+from kdshield.models.outputs import model_outputs
 
 HF_MODEL_DIR = "hf_model"
 ADAPTER_DIR = "adapter"
@@ -120,8 +125,6 @@ def _export(engine, tokenizer, out: Path, *, rank: int, zero: int, spec=None) ->
     import deepspeed
     from safetensors.torch import save_file
 
-    from kdshield.models import save_classifier
-
     module: StageModule = engine.module
     lora = spec is not None and spec.lora is not None and module.model is not None
     gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
@@ -139,9 +142,6 @@ def _export(engine, tokenizer, out: Path, *, rank: int, zero: int, spec=None) ->
                       for k, v in module.extras.state_dict().items()}
             save_file(extras, str(out / EXTRAS_FILE))
     if state is not None:
-        from kdshield.models import load_classifier
-        from kdshield.models.lora import merge_into, save_adapter, wrap_lora
-
         fresh, _ = load_classifier(spec.source, spec.num_labels, attn_implementation=spec.attn_implementation,
                                    tokenizer=tokenizer)
         fresh = wrap_lora(fresh, spec.lora)
@@ -204,9 +204,6 @@ def _train_worker(config: dict[str, Any]) -> None:
     import torch
     import torch.distributed as dist
 
-    from kdshield.datasets import PadCollate
-    from kdshield.models import load_classifier
-
     _quiet_report_log()
     _skip_shm_comm_build()
     stage: Stage = config["stage"]
@@ -223,8 +220,6 @@ def _train_worker(config: dict[str, Any]) -> None:
                                            attn_implementation=spec.attn_implementation,
                                            keep_layers=spec.keep_layers, init=spec.init)
         if spec.lora is not None:
-            from kdshield.models.lora import wrap_lora
-
             model = wrap_lora(model, spec.lora)  # base frozen before DeepSpeed sees it
     lora = spec is not None and spec.lora is not None
     prefix = spec.input_prefix if spec is not None else ""
@@ -268,9 +263,6 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     teacher = None
     if stage.live_teacher is not None:
-        from kdshield.models import model_family
-        from kdshield.models.outputs import model_outputs
-
         teacher, _ = load_classifier(stage.live_teacher.source, stage.live_teacher.num_labels,
                                      attn_implementation=stage.live_teacher.attn_implementation)
         teacher.eval().requires_grad_(False)
@@ -410,7 +402,6 @@ def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *
     empty = [name for name, n in counts.items() if n < scaling.workers]
     if empty:
         raise ValueError(f"stage {stage.name!r}: streams {empty} have fewer rows than workers")
-    from kdshield.cluster import ordered_data, plan_resources
 
     plan_resources(scaling)  # workers that can never be placed: one InputError line, not a hang
     ordered_data()

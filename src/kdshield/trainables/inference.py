@@ -11,8 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from kdshield.datasets import pad_collate
 from kdshield.evaluation.metrics import clean_and_attack_metrics
+from kdshield.models import load_classifier, model_family
 from kdshield.models.outputs import OUTPUTS, TOKEN_OUTPUTS, model_outputs
+
 
 class BatchPredictor:
     """A Ray Data actor holding one model; adds its outputs as columns to each batch.
@@ -35,8 +38,6 @@ class BatchPredictor:
                  padding_side: str = "right", threads: int = 1, attn_implementation: str | None = None):
         import torch
 
-        from kdshield.models import load_classifier, model_family
-
         unknown = set(outputs) - set(OUTPUTS)
         if unknown:
             raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
@@ -51,8 +52,6 @@ class BatchPredictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
-
-        from kdshield.datasets import pad_collate
 
         tensors = pad_collate({self.input_key: batch[self.input_key]}, pad_ids=self.pad_ids,
                               padding_side=self.padding_side)

@@ -46,6 +46,9 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow as pa
 
+from kdshield.defenses.stage import ModelSpec, Phase
+from kdshield.trainables.engine import StageResult
+
 VERSION = "kdshield-stage-cache-2"  # 2: losses described by content
 KINDS = ("stage", "teacher", "logits", "stream")
 
@@ -238,8 +241,6 @@ class StageCache:
         """A JSON-able description of a stage field: model specs by content hash, losses by repr."""
         import dataclasses
 
-        from kdshield.defenses.stage import ModelSpec, Phase
-
         if isinstance(value, ModelSpec):
             return {**{f.name: repr(getattr(value, f.name)) for f in dataclasses.fields(value)},
                     "source": self.model_hash(value.source)}
@@ -294,8 +295,6 @@ class StageCache:
                 template = result
             record = json.loads((final / "result.json").read_text())
         if hit:
-            from kdshield.trainables.engine import StageResult
-
             template = StageResult(model_dir=None, metrics={}, history=[], seconds=0.0, checkpoint_path=final)
             self.saved_seconds += float(record["seconds"])
         model_dir = final / "model" if record["has_model"] else None

@@ -35,6 +35,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from kdshield.trainables.engine import (
+    ADAPTER_DIR,
+    DS_TAG,
+    EXTRAS_FILE,
+    HF_MODEL_DIR,
+    STATE_FILE,
+    StageResult,
+    run_stage,
+)
 from kdshield.trainables.runs import say
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
@@ -63,8 +72,6 @@ class StageRuns:
 
     def run(self, stage, streams: dict[str, Any], scaling, *, callbacks: list | None = None):
         """The :class:`~kdshield.trainables.engine.StageResult` of ``stage``: resumed, reused or new."""
-        from kdshield.trainables.engine import run_stage
-
         name = self.name(stage, streams, scaling)
         run_dir = self.root / name
         latest = self._latest_checkpoint(run_dir)
@@ -108,8 +115,6 @@ class StageRuns:
 
 def finished_result(checkpoint: Path, stage):
     """The StageResult a finished run left in its final ``checkpoint`` (None: not a final export)."""
-    from kdshield.trainables.engine import ADAPTER_DIR, DS_TAG, EXTRAS_FILE, HF_MODEL_DIR, STATE_FILE, StageResult
-
     try:
         state = json.loads((checkpoint / STATE_FILE).read_text())
     except (OSError, ValueError):

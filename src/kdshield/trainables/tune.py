@@ -63,6 +63,7 @@ from kdshield.models import load_tokenizer, resolve_model
 from kdshield.search_spaces import load_space
 from kdshield.trainables.attack import tokenized_stream
 from kdshield.trainables.defend import DefendJob, check_job, resolve_inputs, run_defend, warn_if_headless
+from kdshield.trainables.durable_search import DurableOptunaSearch
 from kdshield.trainables.hooks import DefenseHooks
 from kdshield.trainables.objective import build_probe, eval_tables, final_scores, from_eval_metrics
 from kdshield.trainables.runs import say, write_json
@@ -247,8 +248,6 @@ def _reporter_class():
             self._trial_dir = trial_dir
 
         def after_report(self, run_context, metrics, checkpoint):
-            from kdshield.trainables.objective import from_eval_metrics
-
             est = from_eval_metrics(metrics[0])
             if est is None:
                 return
@@ -388,7 +387,6 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from kdshield.trainables.durable_search import DurableOptunaSearch
 
     out = Path(job.out).resolve()
     metrics, modes = OBJECTIVES[job.objective]

@@ -20,7 +20,8 @@ from kdshield.defenses.losses import CrossEntropy
 from kdshield.defenses.mbtsad.losses import MBTSADLoss
 from kdshield.defenses.stage import ModelSpec, Phase
 from kdshield.errors import InputError
-from kdshield.models import hidden_size, load_config, num_layers
+from kdshield.models import hidden_size, load_classifier, load_config, num_layers
+from kdshield.models.attention import tap_attentions
 from kdshield.models.outputs import cache_bytes
 
 
@@ -86,9 +87,6 @@ def check_mbtsad(config, inputs: Inputs, teacher_outputs: str) -> None:
     if not config.use_attention:
         return
     import torch
-
-    from kdshield.models import load_classifier
-    from kdshield.models.attention import tap_attentions
 
     model, _ = load_classifier(inputs.model_dir, inputs.num_labels, attn_implementation="eager")
     seen: list[int] = []
