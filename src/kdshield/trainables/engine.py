@@ -197,48 +197,64 @@ def _skip_shm_comm_build() -> None:
         deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
 
 
-def _train_worker(config: dict[str, Any]) -> None:
-    """Runs inside every Ray Train worker."""
+@dataclass
+class _Worker:
+    """One Ray Train worker's state for a stage: the DeepSpeed engine and what the steps share."""
+
+    stage: Stage
+    scaling: ScalingSettings
+    engine: Any
+    module: StageModule
+    scheduler: Any
+    tokenizer: Any
+    rank: int
+    world: int
+    lora: bool
+    prefix: str
+    node_id: str
+    worker_nodes: list
+    load_peak_mb: float
+    rss_after_init_mb: float | None
+    peak_reset: bool
+
+
+def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int) -> _Worker:
+    """Load the stage's model (safetensors only; LoRA-wrapped before DeepSpeed sees it), wrap it
+    with the losses' own modules in a DeepSpeed engine (AdamW, linear schedule), and note the
+    memory it took."""
+    import gc
+    import resource
+
     import deepspeed
     import ray.train
-    import torch
     import torch.distributed as dist
 
     _quiet_report_log()
     _skip_shm_comm_build()
-    stage: Stage = config["stage"]
-    scaling: ScalingSettings = config["scaling"]
     train = stage.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(scaling.cpus_per_worker)))
     torch.manual_seed(train.seed)
-
     spec, model, tokenizer = stage.model, None, None
     if spec is not None:
-        model, tokenizer = load_classifier(spec.source, spec.num_labels,
-                                           attn_implementation=spec.attn_implementation,
+        model, tokenizer = load_classifier(spec.source, spec.num_labels, attn_implementation=spec.attn_implementation,
                                            keep_layers=spec.keep_layers, init=spec.init)
         if spec.lora is not None:
             model = wrap_lora(model, spec.lora)  # base frozen before DeepSpeed sees it
-    lora = spec is not None and spec.lora is not None
-    prefix = spec.input_prefix if spec is not None else ""
     module = StageModule(model, stage.loss_modules())
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"stage {stage.name!r} has nothing to train")
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    total_steps = config["steps_per_epoch"] * train.epochs
+    total_steps = steps_per_epoch * train.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _linear_schedule(total_steps, int(train.warmup_ratio * total_steps)))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(train, scaling))
     if world == 1 and scaling.zero == 0:
         engine.enable_backward_allreduce = False  # an all-reduce over one rank only copies gradients
-    import gc
-    import resource
-
     gc.collect()
     load_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # loading + initialize
     rss_after_init_mb = _rss_mb()
@@ -248,112 +264,168 @@ def _train_worker(config: dict[str, Any]) -> None:
     if world > 1:  # which Ray node each rank runs on, reported with every epoch (rank order)
         worker_nodes = [None] * world
         dist.all_gather_object(worker_nodes, node_id)
+    return _Worker(stage, scaling, engine, module, scheduler, tokenizer, rank, world,
+                   lora=spec is not None and spec.lora is not None, prefix=spec.input_prefix if spec else "",
+                   node_id=node_id, worker_nodes=worker_nodes, load_peak_mb=load_peak_mb,
+                   rss_after_init_mb=rss_after_init_mb, peak_reset=peak_reset)
 
-    start_epoch, history = 0, []
+
+def _resume(w: _Worker, resume_from: str | None) -> tuple[int, list[dict[str, Any]]]:
+    """The epoch to start from and the history so far: from the checkpoint Ray Train hands a
+    restarted worker group, else from ``resume_from`` (an earlier run's checkpoint), else 0."""
+    import ray.train
+
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and config.get("resume_from"):  # an earlier run's checkpoint (Ray Train V2 way)
-        checkpoint = ray.train.Checkpoint.from_directory(config["resume_from"])
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=not lora)
-            state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
-        start_epoch, history = state["epoch"], state["history"]
-        if rank == 0:
-            print(f"[{stage.name}] resumed from the checkpoint of epoch {start_epoch}", flush=True)
+    if checkpoint is None and resume_from:  # an earlier run's checkpoint (Ray Train V2 way)
+        checkpoint = ray.train.Checkpoint.from_directory(resume_from)
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as ckpt_dir:
+        w.engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=not w.lora)
+        state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
+    if w.rank == 0:
+        print(f"[{w.stage.name}] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
+    return state["epoch"], state["history"]
 
-    teacher = None
-    if stage.live_teacher is not None:
-        teacher, _ = load_classifier(stage.live_teacher.source, stage.live_teacher.num_labels,
-                                     attn_implementation=stage.live_teacher.attn_implementation)
-        teacher.eval().requires_grad_(False)
-        family = model_family(teacher.config)
-    collate = PadCollate(stage.pad_ids, stage.padding_side)
+
+def _live_teacher(stage: Stage):
+    """The frozen teacher a stage runs inside its loop (``Stage.live_teacher``), and its family."""
+    if stage.live_teacher is None:
+        return None, None
+    teacher, _ = load_classifier(stage.live_teacher.source, stage.live_teacher.num_labels,
+                                 attn_implementation=stage.live_teacher.attn_implementation)
+    teacher.eval().requires_grad_(False)
+    return teacher, model_family(teacher.config)
+
+
+def _run_epoch(w: _Worker, epoch: int, teacher, family, collate, progress_s: float) -> dict[str, torch.Tensor]:
+    """Every phase of the stage once, in order, each one pass over this worker's shard of its
+    stream; returns the per-key sums ``[value * n, n]`` of the losses' logs (and the epoch's
+    evaluations)."""
+    import ray.train
+
+    stage, train, engine = w.stage, w.stage.train, w.engine
     device = engine.device
-    engine.train()
-    last_checkpoint = time.monotonic()
-    for epoch in range(start_epoch, train.epochs):
-        if config.get("pid_dir"):  # lets fault-injection tests find and kill a worker (or its node) mid-run
-            Path(config["pid_dir"], f"rank{rank}.node").write_text(node_id)
-            Path(config["pid_dir"], f"rank{rank}.pid").write_text(f"{os.getpid()} {epoch}")
-        t0 = time.perf_counter()
-        sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
-        samples, last_print = 0, t0
-        for phase in stage.phases:
-            shard = ray.train.get_dataset_shard(phase.stream)
-            batches = shard.iter_torch_batches(
-                batch_size=train.batch_size, collate_fn=collate,
-                local_shuffle_buffer_size=stage.shuffle_buffer or None,
-                local_shuffle_seed=train.seed * 1000 + epoch if stage.shuffle_buffer else None)
-            for batch in batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                if teacher is not None:
-                    with torch.no_grad():
-                        cols = model_outputs(teacher, batch["input_ids"], batch["attention_mask"],
-                                             stage.live_teacher_outputs, family)
-                    batch.update({f"teacher_{k}": v for k, v in cols.items()})
-                with phase.loss.capture(module.model, batch):
-                    if module.model is None:
-                        outputs = engine()
-                    else:
-                        outputs = engine(input_ids=batch[f"{prefix}input_ids"],
-                                         attention_mask=batch[f"{prefix}attention_mask"],
-                                         output_hidden_states=phase.loss.needs_hidden_states,
-                                         output_attentions=phase.loss.needs_attentions)
-                loss, logs = phase.loss(outputs, batch)
-                engine.backward(loss)
-                engine.step()
-                n = len(batch["label"]) if "label" in batch else next(iter(batch.values())).shape[0]
-                samples += n
-                for key, value in {"loss": loss.item(), **logs}.items():
-                    sums[f"{phase.label}/{key}"] += torch.tensor([value * n, n], dtype=torch.float64)
-                if rank == 0 and time.perf_counter() - last_print > config["progress_s"]:
-                    last_print = time.perf_counter()
-                    print(f"[{stage.name}] epoch {epoch + 1}/{train.epochs} {phase.label}: "
-                          f"loss {loss.item():.4f}, {samples * world / (last_print - t0):.1f} samples/s",
-                          flush=True)
-        for ev in stage.evals:  # per-epoch evaluation hook: accuracy on the eval streams
-            sums.update(_epoch_eval(engine, ev, train.batch_size, collate, device))
-        seconds = time.perf_counter() - t0
-        keys = sorted(sums)
-        totals = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, 2, dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(totals)
-        metrics = {k: float(t[0] / max(t[1], 1)) for k, t in zip(keys, totals)}
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # since the reset, if any
-        train_peak_mb = _rss_mb("VmHWM") if peak_reset else None
-        metrics.update(peak_rss_mb=max(load_peak_mb, peak_mb))  # this process, whole life
-        memory = [max(load_peak_mb, peak_mb), train_peak_mb, rss_after_init_mb]
-        if world > 1:  # every rank's memory, in rank order
-            gathered = [None] * world
-            dist.all_gather_object(gathered, memory)
-        else:
-            gathered = [memory]
-        metrics.update(peak_rss_mb_per_rank=[m[0] for m in gathered],
-                       train_peak_rss_mb_per_rank=[m[1] for m in gathered],
-                       rss_after_init_mb_per_rank=[m[2] for m in gathered])
-        metrics.update(epoch=epoch + 1, epoch_seconds=seconds, start_epoch=start_epoch, worker_nodes=worker_nodes,
-                       samples_per_s=samples * world / max(seconds, 1e-9), lr=scheduler.get_last_lr()[0])
-        history.append(metrics)
-        if rank == 0:
-            print(f"[{stage.name}] epoch {epoch + 1}/{train.epochs} done in {seconds:.1f}s: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" in k), flush=True)
+    t0 = last_print = time.perf_counter()
+    sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
+    samples = 0
+    for phase in stage.phases:
+        shard = ray.train.get_dataset_shard(phase.stream)
+        batches = shard.iter_torch_batches(
+            batch_size=train.batch_size, collate_fn=collate,
+            local_shuffle_buffer_size=stage.shuffle_buffer or None,
+            local_shuffle_seed=train.seed * 1000 + epoch if stage.shuffle_buffer else None)
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if teacher is not None:
+                with torch.no_grad():
+                    cols = model_outputs(teacher, batch["input_ids"], batch["attention_mask"],
+                                         stage.live_teacher_outputs, family)
+                batch.update({f"teacher_{k}": v for k, v in cols.items()})
+            with phase.loss.capture(w.module.model, batch):
+                if w.module.model is None:
+                    outputs = engine()
+                else:
+                    outputs = engine(input_ids=batch[f"{w.prefix}input_ids"],
+                                     attention_mask=batch[f"{w.prefix}attention_mask"],
+                                     output_hidden_states=phase.loss.needs_hidden_states,
+                                     output_attentions=phase.loss.needs_attentions)
+            loss, logs = phase.loss(outputs, batch)
+            engine.backward(loss)
+            engine.step()
+            n = len(batch["label"]) if "label" in batch else next(iter(batch.values())).shape[0]
+            samples += n
+            for key, value in {"loss": loss.item(), **logs}.items():
+                sums[f"{phase.label}/{key}"] += torch.tensor([value * n, n], dtype=torch.float64)
+            if w.rank == 0 and time.perf_counter() - last_print > progress_s:
+                last_print = time.perf_counter()
+                print(f"[{stage.name}] epoch {epoch + 1}/{train.epochs} {phase.label}: "
+                      f"loss {loss.item():.4f}, {samples * w.world / (last_print - t0):.1f} samples/s", flush=True)
+    for ev in stage.evals:  # per-epoch evaluation hook: accuracy on the eval streams
+        sums.update(_epoch_eval(engine, ev, train.batch_size, collate, device))
+    sums["_samples"] = torch.tensor([samples, 1], dtype=torch.float64)
+    return sums
 
-        final = epoch + 1 == train.epochs
-        due = torch.tensor([final or time.monotonic() - last_checkpoint >= train.checkpoint_interval_s])
-        if world > 1:
+
+def _epoch_metrics(w: _Worker, sums: dict[str, torch.Tensor], epoch: int, start_epoch: int,
+                   seconds: float) -> dict[str, Any]:
+    """The epoch's metrics as every rank reports them: log means over all ranks' samples, each
+    rank's memory, the nodes, the throughput."""
+    import resource
+
+    import torch.distributed as dist
+
+    samples = int(sums.pop("_samples")[0])
+    keys = sorted(sums)
+    totals = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, 2, dtype=torch.float64)
+    if w.world > 1:
+        dist.all_reduce(totals)
+    metrics: dict[str, Any] = {k: float(t[0] / max(t[1], 1)) for k, t in zip(keys, totals)}
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # since the reset, if any
+    train_peak_mb = _rss_mb("VmHWM") if w.peak_reset else None
+    metrics.update(peak_rss_mb=max(w.load_peak_mb, peak_mb))  # this process, whole life
+    memory = [max(w.load_peak_mb, peak_mb), train_peak_mb, w.rss_after_init_mb]
+    if w.world > 1:  # every rank's memory, in rank order
+        gathered = [None] * w.world
+        dist.all_gather_object(gathered, memory)
+    else:
+        gathered = [memory]
+    metrics.update(peak_rss_mb_per_rank=[m[0] for m in gathered],
+                   train_peak_rss_mb_per_rank=[m[1] for m in gathered],
+                   rss_after_init_mb_per_rank=[m[2] for m in gathered])
+    metrics.update(epoch=epoch + 1, epoch_seconds=seconds, start_epoch=start_epoch, worker_nodes=w.worker_nodes,
+                   samples_per_s=samples * w.world / max(seconds, 1e-9), lr=w.scheduler.get_last_lr()[0])
+    return metrics
+
+
+def _report(w: _Worker, metrics: dict[str, Any], history: list[dict], *, final: bool, due: bool) -> None:
+    """Report the epoch to Ray Train; with a checkpoint when one is due (rank 0's clock decides for
+    every rank), and after the last epoch the export (HF model, LoRA adapter, losses' modules)."""
+    import ray.train
+
+    if not due:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="kdshield-ckpt-") as tmp:
+        if final:
+            _export(w.engine, w.tokenizer, Path(tmp), rank=w.rank, zero=w.scaling.zero, spec=w.stage.model)
+        else:  # a LoRA stage keeps only the adapter and its optimizer state
+            w.engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=w.lora)
+        if w.rank == 0:
+            Path(tmp, STATE_FILE).write_text(json.dumps({"epoch": metrics["epoch"], "history": history}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Runs inside every Ray Train worker: set up, resume, then for each epoch run it, report it
+    and checkpoint it when due; the last epoch exports the trained model."""
+    import torch.distributed as dist
+
+    stage: Stage = config["stage"]
+    w = _set_up(stage, config["scaling"], config["steps_per_epoch"])
+    start_epoch, history = _resume(w, config.get("resume_from"))
+    teacher, family = _live_teacher(stage)
+    collate = PadCollate(stage.pad_ids, stage.padding_side)
+    w.engine.train()
+    last_checkpoint = time.monotonic()
+    for epoch in range(start_epoch, stage.train.epochs):
+        if config.get("pid_dir"):  # lets fault-injection tests find and kill a worker (or its node) mid-run
+            Path(config["pid_dir"], f"rank{w.rank}.node").write_text(w.node_id)
+            Path(config["pid_dir"], f"rank{w.rank}.pid").write_text(f"{os.getpid()} {epoch}")
+        t0 = time.perf_counter()
+        sums = _run_epoch(w, epoch, teacher, family, collate, config["progress_s"])
+        metrics = _epoch_metrics(w, sums, epoch, start_epoch, time.perf_counter() - t0)
+        history.append(metrics)
+        if w.rank == 0:
+            print(f"[{stage.name}] epoch {epoch + 1}/{stage.train.epochs} done in {metrics['epoch_seconds']:.1f}s: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "/" in k), flush=True)
+        final = epoch + 1 == stage.train.epochs
+        due = torch.tensor([final or time.monotonic() - last_checkpoint >= stage.train.checkpoint_interval_s])
+        if w.world > 1:
             dist.broadcast(due, src=0)  # every rank follows rank 0's clock
-        if not due.item():
-            ray.train.report(metrics)
-            continue
-        with tempfile.TemporaryDirectory(prefix="kdshield-ckpt-") as tmp:
-            if final:
-                _export(engine, tokenizer, Path(tmp), rank=rank, zero=scaling.zero, spec=spec)
-            else:  # a LoRA stage keeps only the adapter and its optimizer state
-                engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=lora)
-            if rank == 0:
-                Path(tmp, STATE_FILE).write_text(json.dumps({"epoch": epoch + 1, "history": history}))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        last_checkpoint = time.monotonic()
+        _report(w, metrics, history, final=final, due=bool(due.item()))
+        if due.item():
+            last_checkpoint = time.monotonic()
 
 
 def _epoch_eval(engine, ev, batch_size: int, collate, device) -> dict:
