@@ -31,7 +31,10 @@ def no_ray(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("Ray work started before the bad input was refused")
 
+    import ray
+
     monkeypatch.setattr(kdshield.cluster, "connect", refuse)
+    monkeypatch.setattr(ray, "init", refuse)  # whoever imported connect: starting Ray is what fails
 
 
 @pytest.fixture

@@ -334,3 +334,17 @@ def test_autoscaling_experiment_scales_up_and_down(tmp_path):
     nodes = np.array([s["worker_nodes"] for s in samples if "worker_nodes" in s])
     assert nodes.max() == 2 and nodes[0] == 0
     assert (out / "timeline.png").stat().st_size > 10_000
+
+
+def test_a_rayjob_takes_its_storage_password_from_a_secret_never_from_its_yaml(tmp_path, capsys):
+    code = main(["cluster", "render", "kuberay-job", "--out", str(tmp_path / "job.yaml"),
+                 "--set", "storage=postgresql+psycopg2://u:s3cret@db/studies"])
+    err = capsys.readouterr().err
+    assert code == 2 and "storage_secret" in err and "s3cret" not in err and not (tmp_path / "job.yaml").exists()
+    assert main(["cluster", "render", "kuberay-job", "--out", str(tmp_path / "job.yaml"),
+                 "--set", "storage_secret=kdshield-storage"]) == 0
+    job = yaml.safe_load((tmp_path / "job.yaml").read_text())
+    assert "--storage" not in job["spec"]["entrypoint"]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": "KDSHIELD_STORAGE", "valueFrom": {"secretKeyRef": {"name": "kdshield-storage", "key": "url"}}} \
+        in head["env"]

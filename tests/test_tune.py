@@ -159,7 +159,10 @@ def no_ray(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("Ray work started before the bad input was refused")
 
+    import ray
+
     monkeypatch.setattr(kdshield.cluster, "connect", refuse)
+    monkeypatch.setattr(ray, "init", refuse)  # whoever imported connect: starting Ray is what fails
 
 
 @pytest.mark.parametrize("extra, expected", [
@@ -379,8 +382,8 @@ def test_a_robustkd_search_shares_its_mask_stage_and_reports_every_distillation_
 
 # ----------------------------------------------------------------------------- a trial killed
 
-RETRY_SPACE = {"method": "ft", "params": {"akd_lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}},
-               "fixed": {"n_c": 8, "akd_cycles": 8, "batch_size": 8, "max_length": 16}}
+RETRY_SPACE = {"method": "ft", "params": {"lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}},
+               "fixed": {"n_c": 8, "epochs": 8, "batch_size": 8, "max_length": 16}}
 
 
 def _checkpointed_epoch(trial_dir: Path) -> int:
@@ -576,8 +579,8 @@ def postgres(tmp_path):
         shutil.rmtree(home, ignore_errors=True)
 
 
-FT_SPACE = {"method": "ft", "params": {"akd_lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}},
-            "fixed": {"n_c": 8, "akd_cycles": 1, "batch_size": 8, "max_length": 16}}
+FT_SPACE = {"method": "ft", "params": {"lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}},
+            "fixed": {"n_c": 8, "epochs": 1, "batch_size": 8, "max_length": 16}}
 
 
 @pytest.mark.ray
@@ -635,3 +638,27 @@ def test_a_resumed_searcher_ignores_reports_of_trials_the_study_finished(tmp_pat
     searcher.on_trial_complete("t0", {"m": 2.0})
     (trial,) = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'study.db'}").trials
     assert trial.value == 1.0 and trial.state == optuna.trial.TrialState.COMPLETE
+
+
+# ----------------------------------------------------------------------------- secrets (no Ray)
+
+def test_a_storage_password_reaches_no_file_and_no_error_line(tiny_run, tmp_path, capsys, no_ray):
+    space = _space(tmp_path, BEDKD_SPACE)
+    for url, expected in (("postgresql+psycopg2://kdshield:s3cret@127.0.0.1:1/studies", "cannot reach the database"),
+                          ("postgresql+pg8000://kdshield:s3cret@127.0.0.1/studies", "driver 'pg8000' is not installed")):
+        code = main(_tune_args(tiny_run, tmp_path / "out", space, "--storage", url))
+        err = capsys.readouterr().err.strip()
+        errors = [line for line in err.splitlines() if line.startswith("kdshield: error:")]
+        assert code == 2 and len(errors) == 1 and expected in errors[0], err
+        assert "s3cret" not in err and "kdshield:***@" in err
+        assert not (tmp_path / "out").exists()
+
+
+def test_the_search_record_holds_the_storage_url_without_its_password(monkeypatch):
+    from kdshield.trainables.tune import STORAGE_ENV, TuneJob
+
+    job = TuneJob(method="bedkd", run="r", out="o", storage="postgresql+psycopg2://u:s3cret@db:5432/s")
+    assert "s3cret" not in json.dumps(job.record()) and job.record()["storage"] == "postgresql+psycopg2://u:***@db:5432/s"
+    monkeypatch.setenv(STORAGE_ENV, "postgresql+psycopg2://u:s3cret@db/s")  # the password arrives by environment
+    bare = TuneJob(method="bedkd", run="r", out="o")
+    assert bare.storage_url().endswith("@db/s") and "s3cret" not in json.dumps(bare.record())

@@ -91,3 +91,14 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"{p}: expected a mapping of settings, got {type(data).__name__}")
     return data
+
+
+def redact_url(url: str) -> str:
+    """A database URL for display and records: its password replaced by ``***`` (anything that
+    does not parse as a URL becomes ``<storage>``, since it may hold a secret in another shape)."""
+    from sqlalchemy.engine import make_url  # SQLAlchemy comes with optuna; only storage URLs need it
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - any parse failure: show nothing of it
+        return "<storage>"

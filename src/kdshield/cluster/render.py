@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from kdshield.config import redact_url
 from kdshield.errors import InputError
 
 _RAY_VERSION = "2.60.0"
@@ -84,7 +85,10 @@ SETTINGS: dict[str, dict[str, tuple[Any, str]]] = {
         "num_samples": (16, "trials of the search"),
         "workers": (1, "Ray Train workers per trial"),
         "gpus_per_worker": (1, "GPUs per worker"),
-        "storage": ("sqlite:////data/tune/study.db", "Optuna storage URL (survives the driver)"),
+        "storage": ("sqlite:////data/tune/study.db", "Optuna storage URL (survives the driver); no password: "
+                                                      "a URL with one goes in storage_secret"),
+        "storage_secret": ("", "a Kubernetes Secret whose key `url` holds the storage URL (with its password); the "
+                               "head pod gets it as $KDSHIELD_STORAGE and the RayJob itself carries none"),
         "out": ("/data/tune/out", "output directory of the search"),
         "extra_args": ("", "further `kdshield tune` arguments, appended verbatim"),
         "deadline_seconds": (86400, "activeDeadlineSeconds of the RayJob"),
@@ -142,20 +146,39 @@ def _substitute(node: Any, values: dict[str, Any]) -> Any:
 
 
 def tune_entrypoint(values: dict[str, Any]) -> str:
-    """The RayJob's entrypoint: ``kdshield tune`` against the cluster the job runs on."""
+    """The RayJob's entrypoint: ``kdshield tune`` against the cluster the job runs on (the storage
+    URL from the Secret through $KDSHIELD_STORAGE when ``storage_secret`` is set)."""
+    storage = "" if values["storage_secret"] else f"--storage {values['storage']} "
     cmd = (f"kdshield tune --method {values['method']} --run {values['run']} "
-           f"--num-samples {values['num_samples']} --storage {values['storage']} --resume "
+           f"--num-samples {values['num_samples']} {storage}--resume "
            f"--workers {values['workers']} --gpus-per-worker {values['gpus_per_worker']} "
            f"--address auto --out {values['out']}")
     return f"{cmd} {values['extra_args']}".strip()
+
+
+def _has_password(url: str) -> bool:
+    from sqlalchemy.engine import make_url  # with optuna; only storage URLs need it
+
+    try:
+        return bool(make_url(url).password)
+    except Exception:  # noqa: BLE001 - not a URL: a secret in another shape cannot be ruled out
+        return "@" in url
 
 
 def render(kind: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The config of ``kind`` as a dict, with ``overrides`` applied (bad ones raise InputError)."""
     values = _resolve(kind, overrides or {})
     if kind == "kuberay-job":
+        if _has_password(values["storage"]):
+            raise InputError(f"cluster render kuberay-job: storage={redact_url(values['storage'])} holds a password, "
+                             "which would be written into the RayJob; put the URL in a Kubernetes Secret (key `url`) "
+                             "and pass storage_secret=NAME")
         cluster_values = {k: v for k, v in values.items() if k in SETTINGS["kuberay-cluster"]}
         cluster = render("kuberay-cluster", cluster_values)
+        if values["storage_secret"]:
+            head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+            head.setdefault("env", []).append({"name": "KDSHIELD_STORAGE", "valueFrom": {"secretKeyRef": {
+                "name": values["storage_secret"], "key": "url"}}})
         values = {**values, "cluster_spec": cluster["spec"], "entrypoint": tune_entrypoint(values)}
     return _substitute(yaml.safe_load(template_text(kind)), values)
 

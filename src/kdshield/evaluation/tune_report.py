@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,17 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def _without_hidden_password(url: str | None) -> str | None:
+    """The recorded storage URL (its password written as ``***``) without the password: the
+    database client then finds it where it keeps passwords (PGPASSWORD, ~/.pgpass), or
+    $KDSHIELD_STORAGE gives the whole URL."""
+    if not url or ":***@" not in url:
+        return url
+    from sqlalchemy.engine import make_url
+
+    return make_url(url.replace(":***@", "@")).render_as_string(hide_password=False)
+
+
 def _load(out: Path) -> dict[str, Any]:
     record = out / "tune.json"
     if not record.is_file():
@@ -66,7 +78,8 @@ def _load(out: Path) -> dict[str, Any]:
     try:
         import optuna
 
-        url = job.get("storage") or f"sqlite:///{out.resolve() / 'study.db'}"
+        url = os.environ.get("KDSHIELD_STORAGE") or _without_hidden_password(job.get("storage")) \
+            or f"sqlite:///{out.resolve() / 'study.db'}"
         study = optuna.load_study(study_name=meta["study_name"], storage=url)
     except Exception:  # noqa: BLE001 - the study is optional for the tables
         study = None

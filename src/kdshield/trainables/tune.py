@@ -55,7 +55,7 @@ import torch
 from pydantic import Field
 
 from kdshield.cluster import NodeResources, connect, ordered_data, plan_resources
-from kdshield.config import ScalingSettings, _Settings, parse_settings
+from kdshield.config import ScalingSettings, _Settings, parse_settings, redact_url
 from kdshield.defenses.bedkd.config import BeDKDConfig
 from kdshield.errors import InputError
 from kdshield.evaluation.objectives import OBJECTIVES, SCALAR_MODES
@@ -120,25 +120,57 @@ class TuneJob(_Settings):
         return self.sampler or ("nsga2" if self.objective == "asr+cacc" else "tpe")
 
     def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{Path(self.out).resolve() / 'study.db'}"
+        """``--storage``, else the URL in $KDSHIELD_STORAGE (how a password reaches the search without
+        being written anywhere), else a SQLite file in OUT."""
+        return self.storage or os.environ.get(STORAGE_ENV) or f"sqlite:///{Path(self.out).resolve() / 'study.db'}"
+
+    def record(self) -> dict[str, Any]:
+        """The job as written to ``OUT/tune.json``: the storage URL without its password."""
+        return {**self.model_dump(mode="json"), "storage": redact_url(self.storage) if self.storage else None}
 
 
 # ----------------------------------------------------------------------------- validation
 
-def _check_storage(url: str) -> None:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
+STORAGE_ENV = "KDSHIELD_STORAGE"  # the study's URL, when it holds a password: never on a command line
 
+
+def _check_storage(url: str) -> None:
+    """The storage URL parses, its database driver is installed and (for a server) it answers:
+    otherwise one InputError line, with the password hidden."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+    shown = redact_url(url)
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise InputError(f"--storage {url!r}: not a SQLAlchemy URL (e.g. sqlite:///study.db, "
-                         "postgresql://user@host:5432/db)") from None
-    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg2", None, ""):
-        try:
-            import psycopg2  # noqa: F401
-        except ImportError:
-            raise InputError(f"--storage {url!r}: PostgreSQL needs psycopg2 (pip install psycopg2-binary)") from None
+        dialect = parsed.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        raise InputError(f"--storage {shown}: not a SQLAlchemy URL with a known database (e.g. sqlite:///study.db, "
+                         "postgresql+psycopg2://user@host:5432/db)") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as err:
+        driver = parsed.get_driver_name() or getattr(dialect, "driver", "")
+        raise InputError(f"--storage {shown}: its database driver {driver!r} is not installed ({err}); install it "
+                         "(psycopg2: pip install psycopg2-binary; psycopg: pip install 'psycopg[binary]') or name "
+                         "the installed one in the URL, e.g. postgresql+psycopg2://") from None
+    if parsed.get_backend_name() == "sqlite":
+        return
+    try:
+        engine = create_engine(parsed, connect_args={"connect_timeout": 10} if parsed.get_backend_name() ==
+                               "postgresql" else {})
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except SQLAlchemyError as err:
+        reason = str(getattr(err, "orig", err)).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"--storage {shown}: cannot reach the database ({redact_text(reason, parsed)})") from None
+
+
+def redact_text(text: str, parsed) -> str:
+    """``text`` with the URL's password, if any, replaced by ``***``."""
+    return text.replace(parsed.password, "***") if parsed.password else text
 
 
 def _local_plan(job: TuneJob, concurrent: int):
@@ -197,7 +229,7 @@ def _check_out(job: TuneJob, identity: dict) -> str:
         return "restore" if Tuner.can_restore(str(out / EXPERIMENT)) else "study"
     if out.is_dir() and any(out.iterdir()):
         raise InputError(f"{out}: not empty and not a search directory; choose another --out")
-    if job.resume and not job.storage:
+    if job.resume and not (job.storage or os.environ.get(STORAGE_ENV)):
         raise InputError(f"{out}: nothing to resume (no search was started there)")
     return "study" if job.resume else "new"
 
@@ -313,7 +345,6 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         if metrics.get("history", {}).get(stage):
             last = from_eval_metrics(metrics["history"][stage][-1]) or {}
     if "defender_score" not in last:
-
         tok = load_tokenizer(model_dir)
         last = final_scores(str(Path(job.out) / "model"), tables, num_labels=_num_labels(ctx["run"]),
                             tokenizer_dir=model_dir, max_length=config_obj.max_length,
@@ -453,19 +484,18 @@ def run_tune(job: TuneJob) -> dict[str, Any]:
         if not completed and job.resume:
             say(f"no finished trial of study {study_name!r} in the storage: starting the search")
     if mode == "new" and study_trials(job.storage_url(), study_name):
-        raise InputError(f"--storage {_redact(job.storage_url())}: study {study_name!r} already has trials; "
+        raise InputError(f"--storage {redact_url(job.storage_url())}: study {study_name!r} already has trials; "
                          "pass --resume to continue it or --study-name to start another")
     concurrent = job.max_concurrent or min(job.num_samples, max(1, int((os.cpu_count() or 1)
                                                                       // max(job.scaling.workers *
                                                                                  job.scaling.cpus_per_worker, 1))))
     plan = _local_plan(job, concurrent) if not job.scaling.address else None
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "tune.json", {"identity": identity, "job": job.model_dump(mode="json"),
-                                   "study_name": study_name, "storage": _redact(job.storage_url())})
+    write_json(out / "tune.json", {"identity": identity, "job": job.record(),
+                                   "study_name": study_name, "storage": redact_url(job.storage_url())})
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # Tune's experiment state, often
     connect(job.scaling.address)
     if job.scaling.address:
-
         plan = plan_resources(job.scaling, concurrent, trial_driver_cpus=job.cpus_per_trial)
     if plan is not None:
         concurrent = plan.concurrent_trials
@@ -483,7 +513,7 @@ def run_tune(job: TuneJob) -> dict[str, Any]:
         tuner = build_tuner(job, space, mode=mode, concurrent=concurrent, completed=completed)
         say(f"searching {job.method}: {job.num_samples} trial(s), objective {job.objective} "
             f"({job.sampler_name()}{', ASHA on ' + job.asha_metric if job.scheduler == 'asha' else ''}), "
-            f"{concurrent} at a time; study {study_name!r} in {_redact(job.storage_url())}")
+            f"{concurrent} at a time; study {study_name!r} in {redact_url(job.storage_url())}")
         grid = tuner.fit()
         errors = [r.error for r in grid if r.error is not None]
         if errors:
@@ -495,15 +525,6 @@ def run_tune(job: TuneJob) -> dict[str, Any]:
 
 def _cache_dir(job: TuneJob) -> str:
     return str(Path(job.cache).resolve() if job.cache else Path(job.out).resolve() / "cache")
-
-
-def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - a display string only
-        return "<storage>"
 
 
 def trial_results(out: str | Path) -> list[dict[str, Any]]:
