@@ -1,6 +1,9 @@
-"""Shared fixtures: one local Ray instance for the whole test session."""
+"""Shared fixtures: one local Ray instance for the whole test session; tests that start Ray carry
+the ``ray`` marker (``-m "not ray"`` is the fast suite), which is checked, not trusted."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 
@@ -15,3 +18,21 @@ def ray_local():
     connect(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:  # every test on the session's Ray is a Ray test
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def _starting_ray_needs_the_ray_marker(request):
+    """A test without the ``ray`` marker that leaves a Ray instance running fails: it would slow
+    the fast suite and hide there (Ray Data starts Ray implicitly on first use)."""
+    was = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    if request.node.get_closest_marker("ray") is None and not was and "ray" in sys.modules \
+            and sys.modules["ray"].is_initialized():
+        sys.modules["ray"].shutdown()
+        pytest.fail("this test started Ray: mark it @pytest.mark.ray")

@@ -135,3 +135,11 @@ def test_defend_refuses_a_missing_run(tmp_path, capsys, no_ray):
     code, line = run_cli(["defend", "--method", "ft", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
                          capsys)
     assert code == 2 and "not a RUN directory" in line
+
+
+def test_version(capsys):
+    import kdshield
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"kdshield {kdshield.__version__}"

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Any
 
-from kdshield import defenses, list_defenses
+from kdshield import __version__, defenses, list_defenses
 from kdshield.config import load_yaml, parse_assignments, parse_settings
 from kdshield.errors import InputError
 from kdshield.search_spaces import space_path
@@ -215,7 +215,9 @@ def _add_cluster(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdshield", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="kdshield", description="Remove backdoors from language models by "
+                                     "knowledge distillation, on Ray Train, Ray Tune and DeepSpeed.")
+    parser.add_argument("--version", action="version", version=f"kdshield {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
