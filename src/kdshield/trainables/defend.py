@@ -113,10 +113,11 @@ def warn_if_headless(inputs: Inputs) -> None:
             f"it gets a fresh one drawn from seed {HEAD_INIT_SEED}, so its CACC and ASR measure a random head")
 
 
-def check_job(job: DefendJob, inputs: Inputs):
-    """The method's settings parsed into its config and checked against the inputs (before Ray)."""
+def check_job(job: DefendJob, inputs: Inputs, config=None):
+    """The method's settings parsed into its config (unless given) and checked against the inputs
+    (before Ray); returns the config."""
     spec = job.spec
-    config = spec.parse(job.params)
+    config = spec.parse(job.params) if config is None else config
     if spec.check is not None:
         spec.check(config, inputs, job.teacher_outputs)
     return config
@@ -129,13 +130,13 @@ def run_defend(job: DefendJob, hooks=None) -> dict:
     callbacks and per-epoch evaluation streams, for ``kdshield tune``'s trials."""
     t0 = time.perf_counter()
     out = Path(job.out).resolve()
-    job.spec.parse(job.params)  # bad settings fail here, before reading any input
+    config = job.spec.parse(job.params)  # the one parse of the settings; bad ones fail before any input is read
     if check_out_dir(out, record="metrics.json", config=job.record(), overwrite=job.overwrite):
         say(f"{out} already holds this exact result; nothing to do")
         return json.loads((out / "metrics.json").read_text())
     inputs = resolve_inputs(job)
     warn_if_headless(inputs)
-    config = check_job(job, inputs)
+    check_job(job, inputs, config)
     connect(job.scaling.address)
     with staged(out) as work:
         ctx = JobContext(job, inputs, config, work, hooks)
