@@ -383,3 +383,49 @@ def test_the_demo_budget_is_a_valid_bedkd_config():
 
     config = BeDKDConfig(**DEMO_BEDKD)
     assert config.gamma is not None and config.n_c_dmm <= config.n_c
+
+
+def _title_fits(png_writer, tmp_path):
+    """Every axes title of the figure ``png_writer`` draws lies inside the figure."""
+    import matplotlib.figure
+
+    drawn = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        drawn.append(fig)
+        return save(fig, *args, **kwargs)
+
+    matplotlib.figure.Figure.savefig = spy
+    try:
+        png_writer(tmp_path)
+    finally:
+        matplotlib.figure.Figure.savefig = save
+    (fig,) = drawn
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    box = fig.bbox
+    for ax in fig.axes:
+        t = ax.title.get_window_extent(renderer)
+        assert box.x0 <= t.x0 and t.x1 <= box.x1, (ax.get_title(), t, box)
+
+
+def test_the_mepd_histogram_and_demo_chart_titles_fit_and_the_chart_shows_no_trigger_asr(tmp_path):
+    from kdshield.demo import bar_chart
+
+    _title_fits(lambda d: plot_mepd_histogram(np.linspace(0, 0.4, 50), None, 0.1, d / "m.png"), tmp_path)
+    rows = [{"model": "backdoored MiniLM", "CACC %": 79.2, "ASR %": 91.9, "no-trigger ASR %": 20.1},
+            {"model": "after BeDKD", "CACC %": 78.0, "ASR %": 15.8, "no-trigger ASR %": 14.4}]
+    _title_fits(lambda d: bar_chart(rows, d / "demo.png"), tmp_path)
+    import matplotlib.figure
+
+    labels = []
+    save = matplotlib.figure.Figure.savefig
+    matplotlib.figure.Figure.savefig = lambda fig, *a, **k: labels.extend(
+        t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    try:
+        bar_chart(rows, tmp_path / "x.png")
+    finally:
+        matplotlib.figure.Figure.savefig = save
+    assert "no-trigger ASR" in labels

@@ -143,3 +143,22 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"kdshield {kdshield.__version__}"
+
+
+def test_overwrite_replaces_only_a_directory_kdshield_wrote(files, tmp_path, capsys, no_ray):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("years of work")
+    code, line = run_cli(["attack", "--train", files["train"], "--test", files["test"], "--model", "tiny-bert",
+                          "--out", str(foreign), "--overwrite"], capsys)
+    assert code == 2 and "not a directory kdshield wrote" in line, line
+    assert (foreign / "thesis.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize("command", [["demo"], ["defend", "--method", "ft", "--run", "RUN"]])
+def test_an_unwritable_out_is_refused_before_any_work(command, tmp_path, capsys, no_ray):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args = [a.replace("RUN", str(tmp_path)) for a in command] + ["--out", str(blocker / "out")]
+    code, line = run_cli(args, capsys)
+    assert code == 2 and line.startswith("kdshield: error:") and "cannot be written" in line, line

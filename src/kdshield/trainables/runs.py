@@ -13,12 +13,18 @@ from typing import Any
 from kdshield.errors import InputError
 
 
+MARKER = ".kdshield"  # in every directory a kdshield job published: what --overwrite may replace
+
+
 def check_out_dir(out: Path, *, record: str, config: dict[str, Any], overwrite: bool) -> bool:
     """Decide whether ``out`` may receive a job whose resolved config is ``config``.
 
     Returns True when ``out`` already holds a finished job with exactly this config (nothing to
-    do). Raises InputError when it holds anything else, unless ``overwrite``.
+    do). Raises InputError when it holds anything else, unless ``overwrite`` and kdshield wrote it
+    (its marker file): a directory kdshield did not write is never replaced. An ``out`` whose
+    parent cannot be created or written is refused here, before any work.
     """
+    check_writable(out)
     if not out.exists():
         return False
     if not out.is_dir():
@@ -35,7 +41,23 @@ def check_out_dir(out: Path, *, record: str, config: dict[str, Any], overwrite: 
             return True
     if not overwrite:
         raise InputError(f"{out}: already holds a different run; choose another --out or pass --overwrite")
+    if not (out / MARKER).is_file():
+        raise InputError(f"{out}: not a directory kdshield wrote (no {MARKER} marker); --overwrite replaces only "
+                         "those: choose another --out")
     return False
+
+
+def check_writable(out: Path) -> None:
+    """``out`` can be created (its nearest existing ancestor takes a new directory): tried, not assumed."""
+    import tempfile
+
+    parent = Path(out).resolve().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        Path(tempfile.mkdtemp(prefix=".kdshield-probe-", dir=parent)).rmdir()
+    except OSError as err:
+        raise InputError(f"{out}: cannot be written ({parent}: {err.strerror or err})") from None
 
 
 def staging_dir(out: Path) -> Path:
@@ -62,6 +84,7 @@ def publish(stage: Path, out: Path) -> None:
 def staged(out: Path):
     """Build ``out`` in a fresh sibling directory; publish it on success, delete it on failure."""
     work = staging_dir(out)
+    (work / MARKER).write_text("written by kdshield; `--overwrite` may replace this directory\n")
     try:
         yield work
     except BaseException:

@@ -196,7 +196,7 @@ def plot_mepd_histogram(mepd: np.ndarray, poisoned: np.ndarray | None, gamma: fl
     ax.axvline(gamma, color="black", linestyle="--", label=f"gamma = {gamma:.3g}")
     ax.set_xlabel("MEPD = mean_y |p_teacher(y) - p_DMM(y)|")
     ax.set_ylabel("samples")
-    ax.set_title("BeDKD: MEPD of the suspect training set (MEPD < gamma: poisoned)")
+    ax.set_title("BeDKD: MEPD of the training set (below gamma: poisoned)", fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, format="png")
