@@ -99,3 +99,12 @@ def defender_clean(run: Path, dataset: str, share: float, *, train_rows: int, te
     out = run.parent / f"clean-{share:g}.parquet"
     write_table(pa.concat_tables([dev.select(cols), extra.select(cols).cast(dev.select(cols).schema)]), out)
     return out
+
+
+def settings_of(method: str, budget: dict) -> dict:
+    """The part of a shared budget that ``method`` has settings for (a baseline has fewer: LoRA-FT
+    no teacher, FT no temperature), so one budget can drive every row of a table."""
+    from kdshield import defenses
+
+    fields = defenses.get(method).config.model_fields
+    return {k: v for k, v in budget.items() if k in fields}

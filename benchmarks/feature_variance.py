@@ -24,7 +24,7 @@ def variances(model, tokenizer, texts: list[str], layers: list[int], family: str
     """[n, len(layers)] Var(F) of every text at every chosen layer."""
     import torch
 
-    from kdshield.defenses.robustkd import feature_variance
+    from kdshield.defenses.robustkd.losses import feature_variance
     from kdshield.models.outputs import model_outputs
 
     out = []
@@ -49,10 +49,10 @@ def main() -> None:
 
     from _cells import CELLS
     from kdshield.datasets import read_table
-    from kdshield.defenses.robustkd import RobustKDConfig
+    from kdshield.defenses.robustkd.config import RobustKDConfig
     from kdshield.evaluation import markdown_table
     from kdshield.models import load_classifier, load_config, model_family
-    from kdshield.trainables.defend_feature import plan_student
+    from kdshield.defenses.robustkd.recipe import plan_student
 
     torch.set_num_threads(2)
     rows = []

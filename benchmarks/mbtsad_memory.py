@@ -40,7 +40,7 @@ def rss_mb() -> float:
 def one(variant: str, batch: int, length: int, steps: int) -> dict:
     import torch
 
-    from kdshield.defenses.mbtsad import MBTSADLoss, attention_transfer
+    from kdshield.defenses.mbtsad.losses import MBTSADLoss, attention_transfer
     from kdshield.models import load_classifier
     from kdshield.models.attention import attention_enhancement
 

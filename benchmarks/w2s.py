@@ -136,7 +136,7 @@ def main() -> None:
     import sys
 
     sys.path.insert(0, str(HERE))
-    from _cells import corpus_subset, resume_results
+    from _cells import corpus_subset, resume_results, settings_of
 
     from kdshield.config import parse_assignments
     from kdshield.trainables.defend import DefendJob, run_defend
@@ -177,7 +177,7 @@ def main() -> None:
                 if base == "w2s":
                     params.setdefault("weights", WEIGHTS[trigger])
                 m = run_defend(DefendJob(method=base, run=str(cell / "run"), out=str(cell / method), overwrite=True,
-                                         params=params, scaling=SCALING))
+                                         params=settings_of(base, params), scaling=SCALING))
                 rows.append(row(dataset, trigger, args.label_mode, method, m))
                 save()
                 print(render(rows, meta), flush=True)

@@ -108,7 +108,8 @@ def main() -> None:
 
     from kdshield.cluster import connect
     from kdshield.config import ScalingSettings, TrainSettings
-    from kdshield.defenses.w2s import W2SConfig, W2SLoss
+    from kdshield.defenses.w2s.config import W2SConfig
+    from kdshield.defenses.w2s.losses import W2SLoss
     from kdshield.evaluation import markdown_table
     from kdshield.models import hidden_size, load_config, load_tokenizer, resolve_model
     from kdshield.models.lora import LoraSpec, default_rank
