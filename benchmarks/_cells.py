@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 SCALING = {"workers": 1, "cpus_per_worker": 2}
-CELLS = Path(__file__).resolve().parent / "work" / "cells"
+CELLS = (Path(__file__).resolve().parent / "work").resolve() / "cells"  # one identity however work/ is linked
 ATTACK_LR = 5e-5
 
 
