@@ -2,7 +2,8 @@
 
 :class:`DefenseHooks` travels into :class:`kdshield.trainables.context.JobContext`; every recipe
 gets it for free because the hooks act in the context methods every recipe calls (``stream``,
-``teacher``, ``predict``, and ``run_stage``, through which every stage of every recipe runs), never inside a recipe.
+``teacher``, ``predict`` and ``train``, through which every stage of every recipe runs), never inside
+a recipe.
 """
 
 from __future__ import annotations
