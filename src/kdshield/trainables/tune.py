@@ -165,10 +165,10 @@ def _check_storage(url: str) -> None:
         engine.dispose()
     except SQLAlchemyError as err:
         reason = str(getattr(err, "orig", err)).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"--storage {shown}: cannot reach the database ({redact_text(reason, parsed)})") from None
+        raise InputError(f"--storage {shown}: cannot reach the database ({_redact_text(reason, parsed)})") from None
 
 
-def redact_text(text: str, parsed) -> str:
+def _redact_text(text: str, parsed) -> str:
     """``text`` with the URL's password, if any, replaced by ``***``."""
     return text.replace(parsed.password, "***") if parsed.password else text
 
