@@ -45,7 +45,10 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
         return
     os.environ.update(default_env())  # the driver's own DeepSpeed imports too
     kwargs = {"runtime_env": {"env_vars": default_env()},
-              "logging_level": logging.WARNING if quiet else logging.INFO}
+              "logging_level": logging.WARNING if quiet else logging.INFO,
+              # every Ray process's Python loggers (Ray Data's per-dataset "execution finished" lines
+              # in Train's SplitCoordinator actors among them); kdshield's own lines are prints
+              "logging_config": ray.LoggingConfig(log_level="WARNING" if quiet else "INFO")}
     address = address or os.environ.get("RAY_ADDRESS")  # a RayJob's entrypoint joins its cluster
     if address:
         ray.init(address=address, **kwargs)
