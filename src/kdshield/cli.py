@@ -2,6 +2,9 @@
 
 Bad input ends the command with one line ``kdshield: error: ...`` and exit status 2 before
 any Ray work starts; any other failure exits 1 with its traceback.
+
+Each ``cmd_*`` imports its job inside the function: the jobs import Ray, DeepSpeed and Optuna
+(seconds to load), which ``--help``, ``--version`` and a refused flag should not wait for.
 """
 
 from __future__ import annotations
