@@ -348,3 +348,30 @@ def test_a_rayjob_takes_its_storage_password_from_a_secret_never_from_its_yaml(t
     head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert {"name": "KDSHIELD_STORAGE", "valueFrom": {"secretKeyRef": {"name": "kdshield-storage", "key": "url"}}} \
         in head["env"]
+
+
+def test_the_launchers_setup_commands_run_in_bash_as_written(tmp_path):
+    """Each setup command runs in bash with the nodes' pip replaced by a recorder: every file pip is
+    asked to install exists (a quoted ``~`` would not expand, and `ray up` could not install kdshield)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash on this machine")
+    config = render("launcher", {})
+    home = tmp_path / "home"
+    (home / "kdshield-env" / "bin").mkdir(parents=True)
+    (home / "kdshield-dist").mkdir()
+    wheel = next(a for cmd in config["setup_commands"] for a in cmd.split() if a.endswith('.whl"'))
+    (home / "kdshield-dist" / Path(wheel.strip('"')).name).write_text("wheel")
+    log = tmp_path / "pip-args"
+    pip = home / "kdshield-env" / "bin" / "pip"
+    pip.write_text(f'#!/bin/bash\nfor a in "$@"; do echo "$a" >> {log}; done\n')
+    pip.chmod(0o755)
+    for cmd in config["setup_commands"]:
+        if cmd.startswith("python3 -m venv"):
+            continue  # the recorder stands where the venv's pip would be
+        subprocess.run(["bash", "-c", cmd], env={"HOME": str(home), "PATH": "/usr/bin:/bin"}, check=True)
+    args = log.read_text().split("\n")
+    files = [a for a in args if a.endswith(".whl")]
+    assert files and all(Path(f).is_file() for f in files), files

@@ -73,7 +73,8 @@ SETTINGS: dict[str, dict[str, tuple[Any, str]]] = {
         "torch_spec": ("torch>=2.4,<3", "pip requirement for torch (the CUDA build on GPU nodes)"),
         "kdshield_dist": ("./dist", "local directory holding the kdshield wheel (`pip wheel --no-deps -w dist .`), "
                                     "copied to ~/kdshield-dist on every node"),
-        "kdshield_spec": (f"~/kdshield-dist/kdshield-{_KDSHIELD_VERSION}-py3-none-any.whl",
+        # $HOME, not ~: the setup command quotes the requirement, and bash expands no ~ inside quotes
+        "kdshield_spec": (f"$HOME/kdshield-dist/kdshield-{_KDSHIELD_VERSION}-py3-none-any.whl",
                           "pip requirement for kdshield on the nodes (default: the copied wheel)"),
     },
     "kuberay-cluster": {**_KUBERAY, "ray_version": (_RAY_VERSION, "spec.rayVersion (>= 2.52 for token auth)")},
