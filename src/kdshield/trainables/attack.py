@@ -22,7 +22,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from kdshield.cluster import connect
+from kdshield import cluster
 from kdshield.config import ScalingSettings, TrainSettings, _Settings
 from kdshield.datasets import (
     AttackSpec,
@@ -146,7 +146,7 @@ def run_attack(job: AttackJob) -> dict:
     # -- Ray work -------------------------------------------------------------------------
     import ray.data
 
-    connect(job.scaling.address)
+    cluster.connect(job.scaling.address)  # looked up now: the one place a job starts Ray
     with staged(out) as stage_dir:
         say(f"poisoning {len(chosen_source)} of {rest.num_rows} training samples ({job.attack}, "
             f"{'clean' if job.clean_label else 'dirty'}-label, target {job.target_label})")

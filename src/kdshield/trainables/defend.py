@@ -21,8 +21,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from kdshield import defenses
-from kdshield.cluster import connect
+from kdshield import cluster, defenses
 from kdshield.config import ScalingSettings, _Settings
 from kdshield.datasets import num_labels_of, read_table
 from kdshield.defenses.base import Inputs
@@ -137,7 +136,7 @@ def run_defend(job: DefendJob, hooks=None) -> dict:
     inputs = resolve_inputs(job)
     warn_if_headless(inputs)
     check_job(job, inputs, config)
-    connect(job.scaling.address)
+    cluster.connect(job.scaling.address)  # looked up now: the one place a job starts Ray
     with staged(out) as work:
         ctx = JobContext(job, inputs, config, work, hooks)
         model_dir, info = job.spec.recipe(ctx)

@@ -54,7 +54,8 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from kdshield.cluster import NodeResources, connect, ordered_data, plan_resources
+from kdshield import cluster
+from kdshield.cluster import NodeResources, ordered_data, plan_resources
 from kdshield.config import ScalingSettings, _Settings, parse_settings, redact_url
 from kdshield.defenses.bedkd.config import BeDKDConfig
 from kdshield.errors import InputError
@@ -494,7 +495,7 @@ def run_tune(job: TuneJob) -> dict[str, Any]:
     write_json(out / "tune.json", {"identity": identity, "job": job.record(),
                                    "study_name": study_name, "storage": redact_url(job.storage_url())})
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "5")  # Tune's experiment state, often
-    connect(job.scaling.address)
+    cluster.connect(job.scaling.address)  # looked up now: the one place a job starts Ray
     if job.scaling.address:
         plan = plan_resources(job.scaling, concurrent, trial_driver_cpus=job.cpus_per_trial)
     if plan is not None:
