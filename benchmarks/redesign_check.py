@@ -52,7 +52,7 @@ def main() -> None:
     import kdshield
     import bedkd
     import feature_defenses
-    from _cells import SCALING, cell
+    from _cells import SCALING, cell, settings_of
 
     store = RESULTS / "redesign_check.json"
     rows = json.loads(store.read_text())["rows"] if store.exists() else []
@@ -68,7 +68,7 @@ def main() -> None:
             raise SystemExit(f"{dataset}/{attack}: the RUN ({attack_metrics['cacc']:.1f}/{attack_metrics['asr']:.1f}) "
                              f"is not the committed cell ({base['CACC %']:.1f}/{base['ASR %']:.1f})")
         budget = (bedkd.settings_for(method, bedkd.BUDGET) if family == "bedkd"
-                  else feature_defenses.BUDGET[family])
+                  else settings_of(method, feature_defenses.BUDGET[family]))
         m = kdshield.defend(method, run=str(run), out=str(HERE / "work" / "redesign_check" / method),
                             overwrite=True, settings=budget, scaling=SCALING)
         same = (round(m["cacc"], 1), round(m["asr"], 1)) == (round(before["CACC %"], 1), round(before["ASR %"], 1))
