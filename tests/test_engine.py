@@ -115,6 +115,56 @@ def test_killed_worker_resumes_from_checkpoint(tiny_stream, tmp_path):
     assert accuracy(result.model_dir, tok) >= 0.9
 
 
+def test_one_local_cpu_worker_trains_in_process_and_learns(tiny_stream, tmp_path):
+    """The default for one CPU worker on a local Ray: the same loop in this process, no Ray Train run,
+    all its threads for the stage; the model learns and the run leaves its checkpoints."""
+    from kdshield.trainables.engine import LATEST_FILE, trains_in_process
+
+    model_dir, tok, stream = tiny_stream
+    scaling = ScalingSettings(workers=1, cpus_per_worker=2)
+    assert trains_in_process(scaling)
+    assert not trains_in_process(ScalingSettings(workers=1, in_process=False))
+    assert not trains_in_process(ScalingSettings(workers=2))
+    threads = torch.get_num_threads()
+    seen = []
+    result = run_stage(make_stage(model_dir, tok, epochs=3), {"train": stream}, scaling, storage=tmp_path,
+                       run_name="local", on_report=lambda name, m: seen.append((name, m["epoch"])))
+    assert seen == [("local", 1), ("local", 2), ("local", 3)]
+    assert torch.get_num_threads() == threads  # the stage's thread count does not outlive it
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert result.checkpoint_path.parent == tmp_path / "local"
+    assert (tmp_path / "local" / LATEST_FILE).is_file()
+    assert sorted(p.name for p in (tmp_path / "local").glob("checkpoint_*")) == ["checkpoint_000002",
+                                                                                 "checkpoint_000003"]
+    assert not list(tmp_path.glob("**/checkpoint_manager_snapshot.json"))  # no Ray Train run
+    assert accuracy(result.model_dir, tok) >= 0.9
+
+
+def test_an_in_process_stage_that_died_resumes_from_its_checkpoint(tiny_stream, tmp_path):
+    """A job (a retried Tune trial) whose process died mid-stage picks the stage up at its last
+    checkpoint: a report hook that raises after epoch 2 stands in for the death."""
+    from kdshield.trainables.stage_runs import StageRuns, read_attempts
+
+    model_dir, tok, stream = tiny_stream
+    scaling = ScalingSettings(workers=1, cpus_per_worker=2)
+    runs = StageRuns(tmp_path)
+    stage = make_stage(model_dir, tok, epochs=4)
+
+    def die_after_two(name, metrics):
+        if metrics["epoch"] == 2:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        runs.run(stage, {"train": stream}, scaling, on_report=die_after_two)
+    again = StageRuns(tmp_path).run(stage, {"train": stream}, scaling)
+    assert [h["epoch"] for h in again.history] == [1, 2, 3, 4]
+    assert again.metrics["start_epoch"] == 2
+    assert [a["checkpoint"] for a in read_attempts(tmp_path / "attempts.jsonl")] == [None, "checkpoint_000002"]
+    assert accuracy(again.model_dir, tok) >= 0.9
+    finished = StageRuns(tmp_path).run(stage, {"train": stream}, scaling)  # nothing left to train
+    assert finished.model_dir == again.model_dir
+
+
 def test_the_cpu_engine_skips_deepspeeds_shared_memory_op_build(monkeypatch):
     """DeepSpeed's CPU backend would g++-compile its shared-memory all-reduce op (tens of seconds
     on a fresh machine) at every engine start that finds no cached build; training never calls it."""

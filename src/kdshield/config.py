@@ -33,6 +33,10 @@ class ScalingSettings(_Settings):
     address: str | None = Field(None, description="Ray address (auto, ray://...); None starts a local Ray")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(2, ge=0, description="worker-group restarts allowed, each from the last checkpoint")
+    in_process: bool | None = Field(
+        None, description="train in the job's own process instead of a Ray Train worker group (default: when "
+                          "the job is one CPU worker on a Ray it starts itself); a worker group restarts a worker "
+                          "that died, in process the job dies with it")
 
 
 class TrainSettings(_Settings):

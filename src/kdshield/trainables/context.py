@@ -145,8 +145,10 @@ class JobContext:
 
         def run():
             if hooks.stage_runs is not None:  # named, resumable runs (a retried Tune trial resumes them)
-                return hooks.stage_runs.run(stage, streams, self.job.scaling, callbacks=hooks.callbacks)
-            return run_stage(stage, streams, self.job.scaling, storage=self.work / "ray", callbacks=hooks.callbacks)
+                return hooks.stage_runs.run(stage, streams, self.job.scaling, callbacks=hooks.callbacks,
+                                            on_report=hooks.on_report)
+            return run_stage(stage, streams, self.job.scaling, storage=self.work / "ray", callbacks=hooks.callbacks,
+                             on_report=hooks.on_report)
 
         result = hooks.cache.stage(stage, streams, self.job.scaling, run) if hooks.cache else run()
         self.stage_seconds[name] = result.seconds

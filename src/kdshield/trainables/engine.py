@@ -1,13 +1,18 @@
 """The one training engine: any :class:`Stage` on Ray Train workers driving a DeepSpeed engine.
 
-The driver side (:func:`run_stage`) builds a ``TorchTrainer`` whose workers each
+The driver side (:func:`run_stage`) builds a ``TorchTrainer`` whose workers each run
+:func:`_train_worker`; a job of one CPU worker on a Ray it started itself runs that same
+function in its own process instead (:func:`trains_in_process`: no worker group to start per
+stage, the libraries and data already loaded; the fixed cost of a stage drops from ~25 s to a
+few). Either way the worker (each rank):
 
-1. load the stage's model (safetensors only) and wrap it in ``deepspeed.initialize`` with the
+1. loads the stage's model (safetensors only) and wrap it in ``deepspeed.initialize`` with the
    chosen ZeRO stage and precision, a torch AdamW and a linear warm-up/decay schedule;
-2. resume from ``ray.train.get_checkpoint()`` when Ray restarts them after a failure;
-3. for every epoch run the stage's phases in order, each phase one pass over the worker's shard
+2. resumes from ``ray.train.get_checkpoint()`` when Ray restarts it after a failure (or from
+   ``resume_from``, an earlier run's checkpoint);
+3. for every epoch runs the stage's phases in order, each phase one pass over the worker's shard
    of its Ray Dataset stream (padded per batch by :func:`kdshield.datasets.pad_collate`);
-4. report every epoch's metrics (``worker_nodes``: the Ray node id of each rank, in rank order);
+4. reports every epoch's metrics (``worker_nodes``: the Ray node id of each rank, in rank order);
    save a DeepSpeed checkpoint on every rank with the report when
    ``checkpoint_interval_s`` has passed since the last one (rank 0 decides for all); after the
    last epoch rank 0 writes the trained model as a Hugging Face directory (``hf_model/``,
@@ -56,6 +61,7 @@ ADAPTER_DIR = "adapter"
 EXTRAS_FILE = "extras.safetensors"
 DS_TAG = "ds"
 STATE_FILE = "kdshield_state.json"
+LATEST_FILE = "kdshield_latest.json"  # an in-process run's latest checkpoint
 
 
 @dataclass
@@ -197,12 +203,106 @@ def _skip_shm_comm_build() -> None:
         deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
 
 
+class _RayTrainRuntime:
+    """The engine's view of where it runs: a Ray Train worker (rank, shards, reports)."""
+
+    def __init__(self):
+        import ray
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def checkpoint(self):
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def shard(self, name: str):
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict[str, Any], write=None) -> None:
+        """Report an epoch; ``write(directory)`` fills the checkpoint that goes with it, if any."""
+        import ray.train
+
+        if write is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="kdshield-ckpt-") as tmp:
+            write(Path(tmp))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+class _InProcessRuntime:
+    """The same view inside the calling process (one rank, no Ray Train run): shards are the
+    streams themselves, checkpoints are directories ``RUN/checkpoint_NNNNNN`` (the newest two
+    kept, the latest named in ``RUN/{LATEST_FILE}``), reports go to ``on_report``."""
+
+    rank, world = 0, 1
+
+    def __init__(self, streams: dict[str, Any], run_dir: Path, on_report=None, keep: int = 2):
+        import ray
+
+        self.streams, self.run_dir, self.on_report, self.keep = streams, run_dir, on_report, keep
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        self.last_checkpoint: Path | None = None
+        self.last_metrics: dict[str, Any] = {}
+
+    def checkpoint(self):
+        return None  # an earlier run's checkpoint comes in as ``resume_from``
+
+    def shard(self, name: str):
+        return self.streams[name]
+
+    def report(self, metrics: dict[str, Any], write=None) -> None:
+        if write is not None:
+            final = self.run_dir / f"checkpoint_{metrics['epoch']:06d}"
+            partial = final.with_name(final.name + ".partial")
+            for stale in (partial, final):
+                shutil.rmtree(stale, ignore_errors=True)
+            partial.mkdir(parents=True)
+            write(partial)
+            os.replace(partial, final)
+            latest = self.run_dir / (LATEST_FILE + ".partial")
+            latest.write_text(json.dumps({"checkpoint": final.name}))
+            os.replace(latest, self.run_dir / LATEST_FILE)
+            for old in sorted(self.run_dir.glob("checkpoint_*[0-9]"))[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+            self.last_checkpoint = final
+        self.last_metrics = metrics
+        if self.on_report is not None:
+            self.on_report(self.run_dir.name, metrics)
+
+
+def latest_in_process_checkpoint(run_dir: Path) -> Path | None:
+    """The latest checkpoint an in-process run of ``run_dir`` left (None: none, or unreadable)."""
+    try:
+        name = json.loads((Path(run_dir) / LATEST_FILE).read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    path = Path(run_dir) / name
+    return path if path.is_dir() else None
+
+
+def trains_in_process(scaling: ScalingSettings) -> bool:
+    """Whether a stage trains in the calling process: ``scaling.in_process``, or by default when
+    the job is one CPU worker on a Ray it started itself (no worker group to start, no second
+    copy of torch and the model in memory; a worker that dies is the job dying)."""
+    if scaling.in_process is not None:
+        return scaling.in_process
+    return scaling.workers == 1 and scaling.gpus_per_worker == 0 and scaling.address is None
+
+
 @dataclass
 class _Worker:
     """One Ray Train worker's state for a stage: the DeepSpeed engine and what the steps share."""
 
     stage: Stage
     scaling: ScalingSettings
+    runtime: Any  # _RayTrainRuntime or _InProcessRuntime
     engine: Any
     module: StageModule
     scheduler: Any
@@ -218,7 +318,25 @@ class _Worker:
     peak_reset: bool
 
 
-def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int) -> _Worker:
+def _single_process_group() -> None:
+    """A one-rank gloo process group for DeepSpeed in this process (once per process)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as sock:  # a free port for the (one-member) rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    for key, value in env.items():  # DeepSpeed reads them too (else it tries MPI discovery)
+        os.environ[key] = value
+    dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+
+
+def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int, runtime) -> _Worker:
     """Load the stage's model (safetensors only; LoRA-wrapped before DeepSpeed sees it), wrap it
     with the losses' own modules in a DeepSpeed engine (AdamW, linear schedule), and note the
     memory it took."""
@@ -226,14 +344,12 @@ def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int) -> _Wo
     import resource
 
     import deepspeed
-    import ray.train
     import torch.distributed as dist
 
     _quiet_report_log()
     _skip_shm_comm_build()
     train = stage.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = runtime.rank, runtime.world
     torch.set_num_threads(max(1, int(scaling.cpus_per_worker)))
     torch.manual_seed(train.seed)
     spec, model, tokenizer = stage.model, None, None
@@ -259,12 +375,12 @@ def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int) -> _Wo
     load_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # loading + initialize
     rss_after_init_mb = _rss_mb()
     peak_reset = _reset_peak_rss()
-    node_id = ray.get_runtime_context().get_node_id()
+    node_id = runtime.node_id
     worker_nodes = [node_id]
     if world > 1:  # which Ray node each rank runs on, reported with every epoch (rank order)
         worker_nodes = [None] * world
         dist.all_gather_object(worker_nodes, node_id)
-    return _Worker(stage, scaling, engine, module, scheduler, tokenizer, rank, world,
+    return _Worker(stage, scaling, runtime, engine, module, scheduler, tokenizer, rank, world,
                    lora=spec is not None and spec.lora is not None, prefix=spec.input_prefix if spec else "",
                    node_id=node_id, worker_nodes=worker_nodes, load_peak_mb=load_peak_mb,
                    rss_after_init_mb=rss_after_init_mb, peak_reset=peak_reset)
@@ -275,7 +391,7 @@ def _resume(w: _Worker, resume_from: str | None) -> tuple[int, list[dict[str, An
     restarted worker group, else from ``resume_from`` (an earlier run's checkpoint), else 0."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = w.runtime.checkpoint()
     if checkpoint is None and resume_from:  # an earlier run's checkpoint (Ray Train V2 way)
         checkpoint = ray.train.Checkpoint.from_directory(resume_from)
     if checkpoint is None:
@@ -302,15 +418,13 @@ def _run_epoch(w: _Worker, epoch: int, teacher, family, collate, progress_s: flo
     """Every phase of the stage once, in order, each one pass over this worker's shard of its
     stream; returns the per-key sums ``[value * n, n]`` of the losses' logs (and the epoch's
     evaluations)."""
-    import ray.train
-
     stage, train, engine = w.stage, w.stage.train, w.engine
     device = engine.device
     t0 = last_print = time.perf_counter()
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
     samples = 0
     for phase in stage.phases:
-        shard = ray.train.get_dataset_shard(phase.stream)
+        shard = w.runtime.shard(phase.stream)
         batches = shard.iter_torch_batches(
             batch_size=train.batch_size, collate_fn=collate,
             local_shuffle_buffer_size=stage.shuffle_buffer or None,
@@ -342,7 +456,7 @@ def _run_epoch(w: _Worker, epoch: int, teacher, family, collate, progress_s: flo
                 print(f"[{stage.name}] epoch {epoch + 1}/{train.epochs} {phase.label}: "
                       f"loss {loss.item():.4f}, {samples * w.world / (last_print - t0):.1f} samples/s", flush=True)
     for ev in stage.evals:  # per-epoch evaluation hook: accuracy on the eval streams
-        sums.update(_epoch_eval(engine, ev, train.batch_size, collate, device))
+        sums.update(_epoch_eval(engine, w.runtime.shard(ev.stream), ev.label, train.batch_size, collate, device))
     sums["_samples"] = torch.tensor([samples, 1], dtype=torch.float64)
     return sums
 
@@ -381,28 +495,29 @@ def _epoch_metrics(w: _Worker, sums: dict[str, torch.Tensor], epoch: int, start_
 def _report(w: _Worker, metrics: dict[str, Any], history: list[dict], *, final: bool, due: bool) -> None:
     """Report the epoch to Ray Train; with a checkpoint when one is due (rank 0's clock decides for
     every rank), and after the last epoch the export (HF model, LoRA adapter, losses' modules)."""
-    import ray.train
-
     if not due:
-        ray.train.report(metrics)
+        w.runtime.report(metrics)
         return
-    with tempfile.TemporaryDirectory(prefix="kdshield-ckpt-") as tmp:
+
+    def write(directory: Path) -> None:
         if final:
-            _export(w.engine, w.tokenizer, Path(tmp), rank=w.rank, zero=w.scaling.zero, spec=w.stage.model)
+            _export(w.engine, w.tokenizer, directory, rank=w.rank, zero=w.scaling.zero, spec=w.stage.model)
         else:  # a LoRA stage keeps only the adapter and its optimizer state
-            w.engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=w.lora)
+            w.engine.save_checkpoint(str(directory), tag=DS_TAG, exclude_frozen_parameters=w.lora)
         if w.rank == 0:
-            Path(tmp, STATE_FILE).write_text(json.dumps({"epoch": metrics["epoch"], "history": history}))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            Path(directory, STATE_FILE).write_text(json.dumps({"epoch": metrics["epoch"], "history": history}))
+
+    w.runtime.report(metrics, write)
 
 
-def _train_worker(config: dict[str, Any]) -> None:
-    """Runs inside every Ray Train worker: set up, resume, then for each epoch run it, report it
-    and checkpoint it when due; the last epoch exports the trained model."""
+def _train_worker(config: dict[str, Any], runtime=None) -> None:
+    """Runs inside every Ray Train worker (or, with ``runtime``, in this process): set up, resume,
+    then for each epoch run it, report it and checkpoint it when due; the last epoch exports the
+    trained model."""
     import torch.distributed as dist
 
     stage: Stage = config["stage"]
-    w = _set_up(stage, config["scaling"], config["steps_per_epoch"])
+    w = _set_up(stage, config["scaling"], config["steps_per_epoch"], runtime or _RayTrainRuntime())
     start_epoch, history = _resume(w, config.get("resume_from"))
     teacher, family = _live_teacher(stage)
     collate = PadCollate(stage.pad_ids, stage.padding_side)
@@ -428,23 +543,19 @@ def _train_worker(config: dict[str, Any]) -> None:
             last_checkpoint = time.monotonic()
 
 
-def _epoch_eval(engine, ev, batch_size: int, collate, device) -> dict:
+def _epoch_eval(engine, shard, label: str, batch_size: int, collate, device) -> dict:
     """``{"eval/{label}/acc": [correct, n]}`` of the engine's model over this worker's shard."""
-    import ray.train
-    import torch
-
     correct, n = 0.0, 0
     if getattr(engine.module, "model", engine.module) is None:  # a stage without a model
         return {}
     engine.eval()
     with torch.no_grad():
-        for batch in ray.train.get_dataset_shard(ev.stream).iter_torch_batches(batch_size=batch_size,
-                                                                                collate_fn=collate):
+        for batch in shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate):
             out = engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
             correct += float((out.logits.argmax(-1).cpu() == batch["label"].cpu()).sum())
             n += int(batch["label"].shape[0])
     engine.train()
-    return {f"eval/{ev.label}/acc": torch.tensor([correct, n], dtype=torch.float64)}
+    return {f"eval/{label}/acc": torch.tensor([correct, n], dtype=torch.float64)}
 
 
 def steps_per_epoch(stage: Stage, counts: dict[str, int], workers: int) -> int:
@@ -453,20 +564,20 @@ def steps_per_epoch(stage: Stage, counts: dict[str, int], workers: int) -> int:
 
 
 def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *, storage: Path,
-              run_name: str | None = None, callbacks: list | None = None,
+              run_name: str | None = None, callbacks: list | None = None, on_report=None,
               pid_dir: str | None = None,
               progress_s: float = 15.0, resume_from: Path | None = None) -> StageResult:
-    """Train ``stage`` on Ray Train + DeepSpeed and return its model directory and metrics.
+    """Train ``stage`` on DeepSpeed and return its model directory and metrics: on a Ray Train
+    worker group, or in this process when :func:`trains_in_process` (the same loop either way).
 
     ``streams`` maps each stream a phase names to a Ray Dataset (tokenised, teacher columns
     included). Re-running with the same ``storage``/``run_name`` after a crash of the driver
-    starts a new run; worker failures inside one run are recovered from checkpoints, up to
-    ``scaling.max_failures`` times. ``resume_from``: a checkpoint directory of an earlier run
-    of this stage (not its final one) to continue from.
+    starts a new run; on Ray Train, worker failures inside one run are recovered from
+    checkpoints, up to ``scaling.max_failures`` times. ``resume_from``: a checkpoint directory
+    of an earlier run of this stage (not its final one) to continue from. Every epoch's report
+    reaches ``callbacks`` (Ray Train callbacks, worker group) or ``on_report(run_name, metrics)``
+    (in process).
     """
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     missing = [s for s in stage.streams if s not in streams]
     if missing:
         raise ValueError(f"stage {stage.name!r} needs streams {missing}")
@@ -474,9 +585,50 @@ def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *
     empty = [name for name, n in counts.items() if n < scaling.workers]
     if empty:
         raise ValueError(f"stage {stage.name!r}: streams {empty} have fewer rows than workers")
-
+    storage = Path(storage).resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    name = run_name or f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    config = {"stage": stage, "scaling": scaling, "progress_s": progress_s,
+              "steps_per_epoch": steps_per_epoch(stage, counts, scaling.workers),
+              "pid_dir": pid_dir, "resume_from": str(resume_from) if resume_from else None}
     plan_resources(scaling)  # workers that can never be placed: one InputError line, not a hang
     ordered_data()
+    t0 = time.perf_counter()
+    if trains_in_process(scaling):
+        ckpt, last = _fit_in_process(config, streams, storage / name, on_report)
+    else:
+        ckpt, last = _fit_on_ray_train(config, streams, storage, name, callbacks)
+    seconds = time.perf_counter() - t0
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    return StageResult(model_dir=ckpt / HF_MODEL_DIR if stage.model is not None else None,
+                       metrics=dict(last or state["history"][-1]),
+                       history=state["history"], seconds=seconds, checkpoint_path=ckpt,
+                       extras_path=ckpt / EXTRAS_FILE if (ckpt / EXTRAS_FILE).is_file() else None,
+                       adapter_dir=ckpt / ADAPTER_DIR if (ckpt / ADAPTER_DIR).is_dir() else None)
+
+
+def _fit_in_process(config: dict[str, Any], streams: dict[str, Any], run_dir: Path, on_report):
+    """The stage in this process: no worker group, no second copy of the libraries or the data;
+    torch uses ``cpus_per_worker`` threads for the stage. Returns (final checkpoint, last metrics)."""
+    if config["scaling"].gpus_per_worker == 0:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when DeepSpeed is first imported
+    _single_process_group()
+    runtime = _InProcessRuntime({n: streams[n] for n in config["stage"].streams}, run_dir, on_report)
+    threads = torch.get_num_threads()
+    try:
+        _train_worker(config, runtime)
+    finally:
+        torch.set_num_threads(threads)
+    return runtime.last_checkpoint, runtime.last_metrics
+
+
+def _fit_on_ray_train(config: dict[str, Any], streams: dict[str, Any], storage: Path, name: str, callbacks):
+    """The stage as a Ray Train run (a TorchTrainer over ``scaling.workers`` workers). Returns
+    (final checkpoint, last metrics)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    stage, scaling = config["stage"], config["scaling"]
     use_gpu = scaling.gpus_per_worker > 0
     resources = {"CPU": scaling.cpus_per_worker}
     if use_gpu:
@@ -484,14 +636,9 @@ def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *
     # Train V2 reroutes print() through its logger and, where stdout is wrapped, prints it as well:
     # every progress line reached the driver twice
     env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}
-    storage = Path(storage).resolve()
-    storage.mkdir(parents=True, exist_ok=True)
-    name = run_name or f"{stage.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"stage": stage, "scaling": scaling, "progress_s": progress_s,
-                           "steps_per_epoch": steps_per_epoch(stage, counts, scaling.workers),
-                           "pid_dir": pid_dir, "resume_from": str(resume_from) if resume_from else None},
+        train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.workers, use_gpu=use_gpu, resources_per_worker=resources,
@@ -507,18 +654,10 @@ def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *
         # buffer): a stage re-run on the same data and settings trains on the same batches
         dataset_config=ray.train.DataConfig(execution_options=ray.train.DataConfig.default_ingest_options()),
     )
-    t0 = time.perf_counter()
     result = trainer.fit()
-    seconds = time.perf_counter() - t0
     if result.error is not None:
         raise result.error
-    ckpt = Path(result.checkpoint.path)
-    state = json.loads((ckpt / STATE_FILE).read_text())
-    return StageResult(model_dir=ckpt / HF_MODEL_DIR if stage.model is not None else None,
-                       metrics=dict(result.metrics or state["history"][-1]),
-                       history=state["history"], seconds=seconds, checkpoint_path=ckpt,
-                       extras_path=ckpt / EXTRAS_FILE if (ckpt / EXTRAS_FILE).is_file() else None,
-                       adapter_dir=ckpt / ADAPTER_DIR if (ckpt / ADAPTER_DIR).is_dir() else None)
+    return Path(result.checkpoint.path), result.metrics
 
 
 def copy_model(src: Path, dst: Path) -> Path:

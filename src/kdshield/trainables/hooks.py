@@ -9,7 +9,7 @@ a recipe.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from kdshield.trainables.stage_cache import StageCache
 
@@ -20,6 +20,9 @@ class DefenseHooks:
     """Content-hashed shared work (stages, teacher outputs, logits, tokenised streams)."""
     callbacks: list | None = None
     """Ray Train callbacks for every stage's TorchTrainer (e.g. Tune reporting)."""
+    on_report: Callable[[str, dict], None] | None = None
+    """What a stage that trains in process calls with every epoch's report (run name, metrics),
+    where a worker group's reports go to ``callbacks``."""
     eval_streams: dict[str, Any] = field(default_factory=dict)
     """Tokenised streams evaluated after every epoch (``Stage.evals``) of ``eval_stages``."""
     eval_stages: tuple[str, ...] = ()

@@ -8,7 +8,8 @@ each stage under a fixed root with a name that is the same on every attempt of t
 - Ray Train V2 restores a run whose ``storage_path``/``name`` already hold a checkpoint-manager
   snapshot (``checkpoint_manager_snapshot.json``): the workers get its latest checkpoint from
   ``ray.train.get_checkpoint()`` and the engine resumes from that epoch (``start_epoch`` in the
-  metrics of the epochs that follow);
+  metrics of the epochs that follow); a stage that trains in process names its latest
+  checkpoint in ``kdshield_latest.json`` instead, and is resumed from it the same way;
 - a run that had already finished (its latest checkpoint is the engine's final export: a state
   file at the last epoch and no DeepSpeed state) is returned as it is, without training: the
   engine cannot resume from a final export, and there is nothing left to train;
@@ -42,7 +43,9 @@ from kdshield.trainables.engine import (
     HF_MODEL_DIR,
     STATE_FILE,
     StageResult,
+    latest_in_process_checkpoint,
     run_stage,
+    trains_in_process,
 )
 from kdshield.trainables.runs import say
 
@@ -70,11 +73,16 @@ class StageRuns:
         self._count[stage.name] += 1
         return f"{stage.name}-{self._count[stage.name]}"
 
-    def run(self, stage, streams: dict[str, Any], scaling, *, callbacks: list | None = None):
+    def run(self, stage, streams: dict[str, Any], scaling, *, callbacks: list | None = None, on_report=None):
         """The :class:`~kdshield.trainables.engine.StageResult` of ``stage``: resumed, reused or new."""
         name = self.name(stage, streams, scaling)
         run_dir = self.root / name
-        latest = self._latest_checkpoint(run_dir)
+        in_process = trains_in_process(scaling)
+        if in_process:
+            found = latest_in_process_checkpoint(run_dir)
+            latest = found.name if found is not None else None
+        else:
+            latest = self._latest_checkpoint(run_dir)
         if latest is not None:
             finished = finished_result(run_dir / latest, stage)
             if finished is not None:
@@ -86,7 +94,8 @@ class StageRuns:
         if self.checkpoint_interval_s is not None:
             stage = dataclasses.replace(stage, train=stage.train.model_copy(
                 update={"checkpoint_interval_s": self.checkpoint_interval_s}))
-        return run_stage(stage, streams, scaling, storage=self.root, run_name=name, callbacks=callbacks)
+        return run_stage(stage, streams, scaling, storage=self.root, run_name=name, callbacks=callbacks,
+                         on_report=on_report, resume_from=run_dir / latest if in_process and latest else None)
 
     def _latest_checkpoint(self, run_dir: Path) -> str | None:
         """The directory name of the run's latest checkpoint (None: no usable snapshot)."""

@@ -65,6 +65,7 @@ from kdshield.search_spaces import load_space
 from kdshield.trainables.attack import tokenized_stream
 from kdshield.trainables.defend import DefendJob, check_job, resolve_inputs, run_defend, warn_if_headless
 from kdshield.trainables.durable_search import DurableOptunaSearch
+from kdshield.trainables.engine import trains_in_process
 from kdshield.trainables.hooks import DefenseHooks
 from kdshield.trainables.objective import build_probe, eval_tables, final_scores, from_eval_metrics
 from kdshield.trainables.runs import say, write_json
@@ -266,31 +267,48 @@ def _iteration(trial_dir: Path, key: str) -> tuple[int, bool]:
     return iteration, True
 
 
+def _trial_report(trial_dir: Path, run_name: str, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """What Tune gets for one epoch report of a stage: only reports that carry per-epoch
+    evaluation metrics, turned into the search's metric names (``defender_score``, ``cacc``,
+    ``asr``), each once per trial: an epoch an earlier attempt of the trial reported is not sent
+    again, and ``training_iteration`` continues over attempts (see ``REPORTS``). None: nothing."""
+    est = from_eval_metrics(metrics)
+    if est is None:
+        return None
+    epoch = metrics.get("epoch")
+    iteration, new = _iteration(trial_dir, f"{run_name}/{epoch}")
+    return {**est, "epoch": epoch, "final": 0, "training_iteration": iteration} if new else None
+
+
 def _reporter_class():
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class TrialReporter(TuneReportCallback):
-        """Forwards to Tune only the epoch reports that carry per-epoch evaluation metrics,
-        turned into the search's metric names (``defender_score``, ``cacc``, ``asr``), each
-        once per trial: an epoch an earlier attempt of the trial reported is not sent again,
-        and ``training_iteration`` continues over attempts (see ``REPORTS``). Runs in the Ray
-        Train controller, on the trial's node."""
+        """Forwards a worker group's epoch reports to Tune (:func:`_trial_report`). Runs in the
+        Ray Train controller, on the trial's node."""
 
         def __init__(self, trial_dir: str):
             super().__init__()
             self._trial_dir = trial_dir
 
         def after_report(self, run_context, metrics, checkpoint):
-            est = from_eval_metrics(metrics[0])
-            if est is None:
-                return
-            epoch = metrics[0].get("epoch")
-            iteration, new = _iteration(Path(self._trial_dir), f"{run_context.run_config.name}/{epoch}")
-            if new:
-                self._training_actor_item_queue.put({**est, "epoch": epoch, "final": 0,
-                                                     "training_iteration": iteration})
+            item = _trial_report(Path(self._trial_dir), run_context.run_config.name, metrics[0])
+            if item is not None:
+                self._training_actor_item_queue.put(item)
 
     return TrialReporter
+
+
+def _in_process_reporter(trial_dir: Path):
+    """The same forwarding for stages that train in the trial's own process."""
+    import ray.tune
+
+    def report(run_name: str, metrics: dict[str, Any]) -> None:
+        item = _trial_report(trial_dir, run_name, metrics)
+        if item is not None:
+            ray.tune.report(item)
+
+    return report
 
 
 def _done_result(trial_dir: Path) -> dict | None:
@@ -333,7 +351,8 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     # this trial (its process died) resumes them from their checkpoints
     runs = StageRuns(trial_dir / "ray", cache=cache, checkpoint_interval_s=ctx.get("checkpoint_interval_s"),
                      log=trial_dir / "stage_runs.jsonl")
-    hooks = DefenseHooks(cache=cache, callbacks=[_reporter_class()(str(trial_dir))], eval_streams=streams,
+    hooks = DefenseHooks(cache=cache, callbacks=[_reporter_class()(str(trial_dir))],
+                         on_report=_in_process_reporter(trial_dir), eval_streams=streams,
                          eval_stages=tuple(ctx["final_stages"]), stage_runs=runs)
     for stale in [*trial_dir.glob(".defend.partial-*"), *trial_dir.glob(".defend.old-*")]:
         shutil.rmtree(stale, ignore_errors=True)  # staging directories of attempts that died
@@ -427,9 +446,11 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
            "scaling": job.scaling.model_dump(), "cache": _cache_dir(job) if job.shared_work else None,
            "final_stages": list(space.spec.final_stages), "metrics": needed,
            "checkpoint_interval_s": job.checkpoint_interval_s}
-    # A trial's own driver needs next to nothing (Ray Train's controller reserves 0 CPUs); Tune
-    # refuses an all-zero request, so a zero-CPU trial asks for 1 MiB of memory instead.
-    request = {"CPU": job.cpus_per_trial} if job.cpus_per_trial > 0 else {"CPU": 0, "memory": 2 ** 20}
+    # A trial's own driver needs next to nothing (Ray Train's controller reserves 0 CPUs) unless its
+    # stages train in it; Tune refuses an all-zero request, so a zero-CPU trial asks for 1 MiB of
+    # memory instead.
+    cpus = job.cpus_per_trial + (job.scaling.cpus_per_worker if trains_in_process(job.scaling) else 0)
+    request = {"CPU": cpus} if cpus > 0 else {"CPU": 0, "memory": 2 ** 20}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), request)
     if mode == "restore":  # Tune keeps the experiment's own RunConfig (its FailureConfig included)
         return tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable, resume_unfinished=True,
