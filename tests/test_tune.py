@@ -429,7 +429,10 @@ def test_stage_runs_reuse_a_finished_run_and_restart_an_unreadable_one(tmp_path)
     (mid / "ds").mkdir(parents=True)
     (mid / STATE_FILE).write_text(json.dumps({"epoch": 1, "history": history[:1]}))
     (run_dir / SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": final.name}}))
-    result = runs.run(stage, {}, None)  # training it would fail here: no streams, no Ray
+    from kdshield.config import ScalingSettings
+
+    ray_train = ScalingSettings(in_process=False)  # runs with Ray Train's snapshots
+    result = runs.run(stage, {}, ray_train)  # training it would fail here: no streams, no Ray
     assert result.model_dir == final / "hf_model" and result.history == history and result.seconds == 3.0
     assert [(a["run"], a["event"], a["checkpoint"]) for a in read_attempts(tmp_path / "attempts.jsonl")] == \
         [("s-1", "finished", final.name)]

@@ -7,6 +7,7 @@ end up in these pydantic models, whose validation errors are turned into one-lin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -37,6 +38,22 @@ class ScalingSettings(_Settings):
         None, description="train in the job's own process instead of a Ray Train worker group (default: when "
                           "the job is one CPU worker on a Ray it starts itself); a worker group restarts a worker "
                           "that died, in process the job dies with it")
+
+
+    def resolved(self) -> ScalingSettings:
+        """These settings with the machine-dependent default filled in: a job of one CPU worker
+        on a Ray it starts itself trains on every core of this machine unless ``cpus_per_worker``
+        was given."""
+        if "cpus_per_worker" in self.model_fields_set or self.workers != 1 or self.gpus_per_worker or self.address:
+            return self
+        return self.model_copy(update={"cpus_per_worker": float(os.cpu_count() or 1)})
+
+    def describe(self, in_process: bool) -> str:
+        """One line: where the job trains and on how many threads."""
+        threads = max(1, int(self.cpus_per_worker))
+        if in_process:
+            return f"training in this process on {threads} thread(s)"
+        return f"training on {self.workers} Ray Train worker(s), {threads} thread(s) each"
 
 
 class TrainSettings(_Settings):

@@ -41,8 +41,8 @@ from kdshield.defenses.losses import CrossEntropy
 from kdshield.defenses.stage import ModelSpec, Phase, Stage
 from kdshield.errors import InputError
 from kdshield.models import check_safe_weights, load_tokenizer, resolve_model
-from kdshield.trainables.engine import copy_model, run_stage
-from kdshield.trainables.inference import evaluate
+from kdshield.trainables.engine import copy_model, run_stage, trains_in_process
+from kdshield.trainables.inference import LocalScorer, evaluate
 from kdshield.trainables.runs import check_out_dir, say, staged, write_json
 
 
@@ -147,6 +147,9 @@ def run_attack(job: AttackJob) -> dict:
     import ray.data
 
     cluster.connect(job.scaling.address)  # looked up now: the one place a job starts Ray
+    scaling = job.scaling.resolved()
+    in_process = trains_in_process(scaling)
+    say(scaling.describe(in_process))
     with staged(out) as stage_dir:
         say(f"poisoning {len(chosen_source)} of {rest.num_rows} training samples ({job.attack}, "
             f"{'clean' if job.clean_label else 'dirty'}-label, target {job.target_label})")
@@ -163,14 +166,15 @@ def run_attack(job: AttackJob) -> dict:
         stage = Stage(name="attack", model=ModelSpec(source=str(model_dir), num_labels=num_labels),
                       phases=(Phase("train", CrossEntropy()),), train=job.training,
                       pad_ids=pad, padding_side=tokenizer.padding_side)
-        say(f"training {job.model} on {poisoned.num_rows} samples with {job.scaling.workers} worker(s), "
-            f"ZeRO-{job.scaling.zero}, {'bf16' if job.scaling.bf16 else 'fp32'}")
-        result = run_stage(stage, {"train": streams["train"]}, job.scaling, storage=stage_dir / "ray")
+        say(f"training {job.model} on {poisoned.num_rows} samples with {scaling.workers} worker(s), "
+            f"ZeRO-{scaling.zero}, {'bf16' if scaling.bf16 else 'fp32'}")
+        result = run_stage(stage, {"train": streams["train"]}, scaling, storage=stage_dir / "ray")
         model_out = copy_model(result.model_dir, stage_dir / "model")
         say("evaluating")
         metrics = evaluate(str(model_out), num_labels, clean_test=streams["test"],
                            triggered_test=streams["test_triggered"], target_label=job.target_label,
-                           pad_ids=pad, padding_side=tokenizer.padding_side)
+                           pad_ids=pad, padding_side=tokenizer.padding_side, cpus_per_actor=scaling.cpus_per_worker,
+                           scorer=LocalScorer(num_labels, threads=int(scaling.cpus_per_worker)) if in_process else None)
         shutil.rmtree(stage_dir / "ray", ignore_errors=True)
         metrics.update(seconds=time.perf_counter() - t0, train_seconds=result.seconds,
                        history=result.history, config=job.record())

@@ -25,9 +25,9 @@ from kdshield.defenses.base import Inputs
 from kdshield.defenses.stage import EpochEval, ModelSpec, Phase, Stage
 from kdshield.models import load_tokenizer
 from kdshield.trainables.attack import tokenized_stream
-from kdshield.trainables.engine import run_stage
+from kdshield.trainables.engine import run_stage, trains_in_process
 from kdshield.trainables.hooks import DefenseHooks
-from kdshield.trainables.inference import evaluate, predict
+from kdshield.trainables.inference import LocalScorer, evaluate, predict, stream_columns
 from kdshield.trainables.runs import say
 
 
@@ -39,6 +39,9 @@ class JobContext:
         self.hooks = hooks or DefenseHooks()
         self.workers = job.scaling.workers
         self.live_teachers = job.teacher_outputs == "live"
+        # frozen models score in this process when the job trains in it (else: Ray Data actors)
+        self.scorer = (LocalScorer(inputs.num_labels, threads=int(job.scaling.cpus_per_worker))
+                       if trains_in_process(job.scaling) else None)
         tok = load_tokenizer(inputs.model_dir)
         # every tokenisation this job makes: its pad id and padding side, by input-ids column
         self.pad_ids = {"input_ids": tok.pad_token_id}
@@ -72,10 +75,7 @@ class JobContext:
         return stream.map_batches(fn, batch_format="numpy", fn_kwargs=kwargs).materialize()
 
     def columns(self, stream, names: list[str]) -> dict[str, np.ndarray]:
-        keep = ["source_index", *[n for n in names if n != "source_index"]]
-        parts = list(stream.select_columns(keep).iter_batches(batch_size=None, batch_format="numpy"))
-        order = np.argsort(np.concatenate([p["source_index"] for p in parts]), kind="stable")
-        return {n: np.concatenate([np.asarray(p[n]) for p in parts])[order] for n in names}
+        return stream_columns(stream, names)
 
     # -- frozen models --------------------------------------------------------------------
     def _predict_kwargs(self, input_prefix: str) -> dict[str, Any]:
@@ -88,6 +88,8 @@ class JobContext:
         kwargs = self._predict_kwargs(input_prefix)
         with self.timed("teacher_cache"):
             def build():
+                if self.scorer is not None:
+                    return self._with_outputs(stream, model_dir, tuple(outputs), kwargs, attn_implementation)
                 return predict(stream, model_dir, self.inputs.num_labels, outputs=tuple(outputs), prefix="teacher_",
                                attn_implementation=attn_implementation, **kwargs).materialize()
 
@@ -102,8 +104,13 @@ class JobContext:
         kwargs = self._predict_kwargs(input_prefix)
 
         def build() -> dict[str, np.ndarray]:
-            out = predict(stream, model_dir, self.inputs.num_labels, outputs=tuple(outputs), **kwargs)
-            cols = self.columns(out, list(outputs))
+            if self.scorer is not None:
+                key = kwargs["input_key"]
+                cols = self.scorer.score(self.columns(stream, [key])[key], model_dir, tuple(outputs),
+                                         pad_id=kwargs["pad_ids"][key], padding_side=kwargs["padding_side"])
+            else:
+                out = predict(stream, model_dir, self.inputs.num_labels, outputs=tuple(outputs), **kwargs)
+                cols = self.columns(out, list(outputs))
             return {k: np.stack(list(v)) if v.dtype == object else v for k, v in cols.items()}
 
         cache = self.hooks.cache
@@ -119,7 +126,23 @@ class JobContext:
         kwargs = self._predict_kwargs("")
         kwargs.pop("input_key")
         return evaluate(model_dir, i.num_labels, clean_test=self.stream(i.test), triggered_test=triggered,
-                        target_label=i.target_label, **kwargs)
+                        target_label=i.target_label, scorer=self.scorer, **kwargs)
+
+    def _with_outputs(self, stream, model_dir: str, outputs: tuple[str, ...], kwargs: dict, attn: str | None):
+        """``stream`` (rows in its order) with ``teacher_*`` columns scored in this process."""
+        import ray
+        import ray.data
+        from ray.data.block import BlockAccessor
+
+        key = kwargs["input_key"]
+        table = pa.concat_tables(ray.get(stream.to_arrow_refs()))
+        cols = self.scorer.score(table.column(key).to_numpy(zero_copy_only=False), model_dir, outputs,
+                                 pad_id=kwargs["pad_ids"][key], padding_side=kwargs["padding_side"],
+                                 attn_implementation=attn)
+        block = BlockAccessor.batch_to_block({f"teacher_{name}": value for name, value in cols.items()})
+        for name in block.column_names:
+            table = table.append_column(block.schema.field(name), block.column(name))
+        return ray.data.from_arrow(table)
 
     # -- stages ---------------------------------------------------------------------------
     def train(self, name: str, model: ModelSpec | None, phases: list[Phase], streams: dict[str, Any], *,
@@ -182,5 +205,8 @@ class JobContext:
 
     def record(self) -> dict[str, Any]:
         """What the job's metrics.json gets from its context."""
-        return {"stage_seconds": self.stage_seconds, "history": self.history,
-                "stage_peak_rss_mb": self.stage_peak_rss_mb, "stage_memory_mb": self.stage_memory_mb}
+        record = {"stage_seconds": self.stage_seconds, "history": self.history,
+                  "stage_peak_rss_mb": self.stage_peak_rss_mb, "stage_memory_mb": self.stage_memory_mb}
+        if self.scorer is not None:  # rows each frozen model ran, and rows it handed out
+            record["inference_rows"] = {"scored": dict(self.scorer.rows_scored), "served": dict(self.scorer.rows_served)}
+        return record

@@ -29,7 +29,7 @@ from kdshield.errors import InputError
 from kdshield.models import check_safe_weights, head_problem, resolve_model
 from kdshield.models.loading import HEAD_INIT_SEED
 from kdshield.trainables.context import JobContext
-from kdshield.trainables.engine import copy_model
+from kdshield.trainables.engine import copy_model, trains_in_process
 from kdshield.trainables.runs import check_out_dir, say, staged, write_json
 
 
@@ -137,6 +137,9 @@ def run_defend(job: DefendJob, hooks=None) -> dict:
     warn_if_headless(inputs)
     check_job(job, inputs, config)
     cluster.connect(job.scaling.address)  # looked up now: the one place a job starts Ray
+    record = job.record()
+    job = job.model_copy(update={"scaling": job.scaling.resolved()})
+    say(job.scaling.describe(trains_in_process(job.scaling)))
     with staged(out) as work:
         ctx = JobContext(job, inputs, config, work, hooks)
         model_dir, info = job.spec.recipe(ctx)
@@ -144,7 +147,7 @@ def run_defend(job: DefendJob, hooks=None) -> dict:
         say("evaluating the defended model")
         metrics = ctx.evaluate(str(final))
         metrics.update(info)
-        metrics.update(method=job.method, seconds=time.perf_counter() - t0, **ctx.record(), config=job.record(),
+        metrics.update(method=job.method, seconds=time.perf_counter() - t0, **ctx.record(), config=record,
                        resolved=config.model_dump(mode="json"))
         if ctx.hooks.cache is not None:
             metrics["cache"] = ctx.hooks.cache.summary()

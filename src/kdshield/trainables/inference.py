@@ -7,7 +7,8 @@ engine reads them next to the inputs instead of running the teacher at every ste
 
 from __future__ import annotations
 
-from typing import Any
+from collections import Counter, OrderedDict
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -51,33 +52,108 @@ class BatchPredictor:
         self.pad_ids, self.padding_side = pad_ids or {}, padding_side
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        rows = _run_model(self.model, self.family, batch[self.input_key], self.outputs,
+                          pad_id=self.pad_ids[self.input_key], padding_side=self.padding_side)
+        result = dict(batch)
+        for name, values in rows.items():
+            result[f"{self.prefix}{name}"] = _column(values, name)
+        return result
+
+
+def _run_model(model, family: str, ids: Sequence[np.ndarray], outputs: tuple[str, ...], *, pad_id: int,
+               padding_side: str) -> dict[str, list[np.ndarray]]:
+    """One padded batch of token-id rows through ``model``: every output, row by row (per-token
+    outputs cut to the row's real tokens)."""
+    import torch
+
+    column = np.empty(len(ids), dtype=object)
+    column[:] = list(ids)
+    tensors = pad_collate({"input_ids": column}, pad_ids={"input_ids": pad_id}, padding_side=padding_side)
+    mask = tensors["attention_mask"]
+    with torch.inference_mode():
+        out = model_outputs(model, tensors["input_ids"], mask, outputs, family)
+    keep = mask.bool()
+    rows: dict[str, list[np.ndarray]] = {}
+    for name, value in out.items():
+        if name not in TOKEN_OUTPUTS:
+            rows[name] = list(value.numpy())
+        elif name == "hidden_seq":
+            rows[name] = [value[i][keep[i]].numpy() for i in range(value.shape[0])]
+        elif name == "layer_seq":
+            rows[name] = [value[i][:, keep[i]].numpy() for i in range(value.shape[0])]
+        else:
+            rows[name] = [value[i][:, keep[i]][:, :, keep[i]].numpy() for i in range(value.shape[0])]
+    return rows
+
+
+def _column(values: list[np.ndarray], name: str) -> np.ndarray:
+    """Rows of one output as a column: stacked when every row has one shape, else an object array."""
+    if name not in TOKEN_OUTPUTS:
+        return np.stack(values) if values else np.zeros((0,), dtype=np.float32)
+    column = np.empty(len(values), dtype=object)
+    column[:] = values
+    return column
+
+
+class LocalScorer:
+    """Frozen models' outputs computed in this process, for jobs whose tables it holds anyway.
+
+    No actor pool is started per call: each model is loaded once (the last ``keep_models``
+    stay loaded) and scores each distinct row once per job. Outputs are memoised by the row's
+    token ids (its content: not its label, not its position), so one text in the DMM set, the
+    trust set and the training set is scored once, and every later use takes its slice.
+    Batches are length-sorted, so a batch pads to rows of about its own length. Torch runs on
+    ``threads`` threads while scoring. ``rows_scored``/``rows_served`` count, per model, the
+    rows actually run and the rows handed out.
+    """
+
+    def __init__(self, num_labels: int, *, threads: int, batch_size: int = 64, keep_models: int = 2):
+        self.num_labels, self.threads, self.batch_size, self.keep_models = num_labels, threads, batch_size, keep_models
+        self._models: OrderedDict[tuple, tuple[Any, str]] = OrderedDict()
+        self._memo: dict[tuple, dict[bytes, dict[str, np.ndarray]]] = {}
+        self.rows_scored: Counter[str] = Counter()
+        self.rows_served: Counter[str] = Counter()
+
+    def _model(self, model_dir: str, attn: str | None):
+        key = (model_dir, attn)
+        if key not in self._models:
+            model, _ = load_classifier(model_dir, self.num_labels, attn_implementation=attn)
+            self._models[key] = (model.eval(), model_family(model.config))
+            while len(self._models) > self.keep_models:
+                self._models.popitem(last=False)
+        self._models.move_to_end(key)
+        return self._models[key]
+
+    def score(self, ids: Sequence[np.ndarray], model_dir: str, outputs: tuple[str, ...], *, pad_id: int,
+              padding_side: str = "right", attn_implementation: str | None = None) -> dict[str, np.ndarray]:
+        """``outputs`` of ``model_dir`` for every row of ``ids`` (token-id arrays), in their order:
+        stacked arrays, per-token outputs as object arrays of the rows' arrays."""
         import torch
 
-        tensors = pad_collate({self.input_key: batch[self.input_key]}, pad_ids=self.pad_ids,
-                              padding_side=self.padding_side)
-        mask_key = self.input_key.replace("input_ids", "attention_mask")
-        ids, mask = tensors[self.input_key], tensors[mask_key]
-        with torch.inference_mode():
-            out = model_outputs(self.model, ids, mask, self.outputs, self.family)
-        result = dict(batch)
-        keep = mask.bool()
-        for name, value in out.items():
-            if name not in TOKEN_OUTPUTS:
-                result[f"{self.prefix}{name}"] = value.numpy()
-                continue
-            rows = []
-            for i in range(value.shape[0]):
-                k = keep[i]
-                if name == "hidden_seq":
-                    rows.append(value[i][k].numpy())
-                elif name == "layer_seq":
-                    rows.append(value[i][:, k].numpy())
-                else:
-                    rows.append(value[i][:, k][:, :, k].numpy())
-            column = np.empty(len(rows), dtype=object)
-            column[:] = rows
-            result[f"{self.prefix}{name}"] = column
-        return result
+        unknown = set(outputs) - set(OUTPUTS)
+        if unknown:
+            raise ValueError(f"unknown outputs {sorted(unknown)}; choose from {OUTPUTS}")
+        model_dir = str(model_dir)
+        attn = "eager" if "ae_token_map" in outputs else attn_implementation
+        memo = self._memo.setdefault((model_dir, attn, pad_id, padding_side), {})
+        keys = [np.asarray(row, dtype=np.int64).tobytes() for row in ids]
+        todo = sorted({k for k in keys if not set(outputs) <= memo.get(k, {}).keys()}, key=len)
+        if todo:
+            model, family = self._model(model_dir, attn)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, self.threads))
+            try:
+                for start in range(0, len(todo), self.batch_size):
+                    chunk = todo[start:start + self.batch_size]
+                    rows = _run_model(model, family, [np.frombuffer(k, dtype=np.int64) for k in chunk], outputs,
+                                      pad_id=pad_id, padding_side=padding_side)
+                    for i, k in enumerate(chunk):
+                        memo.setdefault(k, {}).update({name: values[i] for name, values in rows.items()})
+            finally:
+                torch.set_num_threads(threads)
+            self.rows_scored[model_dir] += len(todo)
+        self.rows_served[model_dir] += len(keys)
+        return {name: _column([memo[k][name] for k in keys], name) for name in outputs}
 
 
 def predict(ds, model_dir: str, num_labels: int, *, outputs: tuple[str, ...] = ("logits",),
@@ -97,17 +173,27 @@ def predict(ds, model_dir: str, num_labels: int, *, outputs: tuple[str, ...] = (
         num_cpus=cpus_per_actor, num_gpus=gpus_per_actor or None)
 
 
-def predict_logits(ds, model_dir: str, num_labels: int, *, with_labels: bool = False, **kwargs):
-    """Logits [N, C] for every row of the tokenised ``ds``, in ``source_index`` order
-    (and the rows' labels [N] too with ``with_labels``)."""
-    columns = ["source_index", "logits"] + (["label"] if with_labels else [])
-    out = predict(ds, model_dir, num_labels, **kwargs).select_columns(columns)
-    parts = list(out.iter_batches(batch_size=None, batch_format="numpy"))
+def stream_columns(ds, names: list[str]) -> dict[str, np.ndarray]:
+    """Columns ``names`` of every row of the Ray Dataset ``ds``, in ``source_index`` order."""
+    keep = ["source_index", *[n for n in names if n != "source_index"]]
+    parts = list(ds.select_columns(keep).iter_batches(batch_size=None, batch_format="numpy"))
     order = np.argsort(np.concatenate([p["source_index"] for p in parts]), kind="stable")
-    logits = np.concatenate([np.asarray(p["logits"]) for p in parts])[order]
-    if not with_labels:
-        return logits
-    return logits, np.concatenate([p["label"] for p in parts])[order]
+    return {n: np.concatenate([np.asarray(p[n]) for p in parts])[order] for n in names}
+
+
+def predict_logits(ds, model_dir: str, num_labels: int, *, with_labels: bool = False,
+                   scorer: LocalScorer | None = None, **kwargs):
+    """Logits [N, C] for every row of the tokenised ``ds``, in ``source_index`` order
+    (and the rows' labels [N] too with ``with_labels``); by ``scorer`` in this process when
+    given, else by Ray Data actors."""
+    names = ["logits"] + (["label"] if with_labels else [])
+    if scorer is not None:
+        cols = stream_columns(ds, ["input_ids"] + names[1:])
+        cols["logits"] = scorer.score(cols["input_ids"], model_dir, ("logits",), pad_id=kwargs["pad_ids"]["input_ids"],
+                                      padding_side=kwargs.get("padding_side", "right"))["logits"]
+    else:
+        cols = stream_columns(predict(ds, model_dir, num_labels, **kwargs), names)
+    return (cols["logits"], cols["label"]) if with_labels else cols["logits"]
 
 
 def evaluate(model_dir: str, num_labels: int, *, clean_test, triggered_test=None,

@@ -40,7 +40,7 @@ from kdshield.trainables.attack import tokenized_stream
 from kdshield.trainables.context import JobContext
 from kdshield.trainables.defend import resolve_inputs
 from kdshield.trainables.hooks import DefenseHooks
-from kdshield.trainables.inference import predict_logits
+from kdshield.trainables.inference import LocalScorer, predict_logits
 from kdshield.trainables.runs import say, write_json
 
 VAL, FLAGGED, TRIGGERED = "val", "flagged", "triggered"
@@ -132,12 +132,14 @@ def eval_tables(shared: Path) -> dict[str, pa.Table]:
 
 
 def final_scores(model_dir: str, tables: dict[str, pa.Table], *, num_labels: int, tokenizer_dir: str,
-                 max_length: int, pad_ids, padding_side, cpus: float) -> dict[str, float]:
-    """The defender score of a finished model by batch inference (when no epoch reported it)."""
+                 max_length: int, pad_ids, padding_side, cpus: float, in_process: bool = False) -> dict[str, float]:
+    """The defender score of a finished model by batch inference (when no epoch reported it): in
+    this process with ``in_process``, else by Ray Data actors."""
     accs = {}
+    scorer = LocalScorer(num_labels, threads=int(cpus)) if in_process else None
     for name, table in tables.items():
         logits, labels = predict_logits(tokenized_stream(table, tokenizer_dir, max_length), model_dir, num_labels,
                                         with_labels=True, pad_ids=pad_ids, padding_side=padding_side,
-                                        cpus_per_actor=cpus)
+                                        cpus_per_actor=cpus, scorer=scorer)
         accs[f"eval/{name}/acc"] = float((logits.argmax(-1) == labels).mean())
     return from_eval_metrics(accs) or {}
