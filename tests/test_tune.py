@@ -387,13 +387,20 @@ RETRY_SPACE = {"method": "ft", "params": {"lr": {"type": "float", "low": 1.0e-4,
 
 
 def _checkpointed_epoch(trial_dir: Path) -> int:
-    """The epoch of the latest checkpoint Ray Train registered for the trial's stage run (0: none yet)."""
+    """The epoch of the latest checkpoint of the trial's stage run (0: none yet): registered by Ray
+    Train, or named in ``kdshield_latest.json`` by a stage that trains in the trial's process."""
+    from kdshield.trainables.engine import LATEST_FILE
     from kdshield.trainables.stage_runs import SNAPSHOT
 
     for snapshot in (trial_dir / "ray").glob(f"*/{SNAPSHOT}"):
         try:
             return int(json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"])
         except (OSError, ValueError, KeyError, TypeError):  # being written
+            return 0
+    for latest in (trial_dir / "ray").glob(f"*/{LATEST_FILE}"):
+        try:
+            return int(json.loads(latest.read_text())["checkpoint"].rsplit("_", 1)[1])
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
             return 0
     return 0
 

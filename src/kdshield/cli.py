@@ -19,10 +19,18 @@ from kdshield.errors import InputError
 from kdshield.search_spaces import space_path
 
 
+SCALING_FLAGS = ["workers", "cpus_per_worker", "gpus_per_worker", "zero", "bf16", "address", "in_process"]
+
+
 def _add_scaling(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("where it runs")
     g.add_argument("--workers", type=int, help="Ray Train workers per stage (default 1)")
-    g.add_argument("--cpus-per-worker", type=float, help="CPUs per worker (default 1)")
+    g.add_argument("--cpus-per-worker", type=float,
+                   help="CPUs (training threads) per worker (default: every core for one CPU worker on a local "
+                        "Ray, else 1)")
+    g.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="train in this process rather than a Ray Train worker group, which restarts a worker "
+                        "that died (default: in process for one CPU worker on a local Ray)")
     g.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0)")
     g.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0-3 (default 0)")
     g.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
@@ -72,7 +80,7 @@ def job_values(args: argparse.Namespace, top: list[str]) -> dict[str, Any]:
     values = load_yaml(args.config) if getattr(args, "config", None) else {}
     flags = _picked(args, top)
     flags["training"] = _picked(args, ["epochs", "lr", "batch_size", "max_length", "seed"])
-    flags["scaling"] = _picked(args, ["workers", "cpus_per_worker", "gpus_per_worker", "zero", "bf16", "address"])
+    flags["scaling"] = _picked(args, SCALING_FLAGS)
     if "seed" in flags["training"]:
         flags["seed"] = flags["training"]["seed"]
     values = _merge(values, {k: v for k, v in flags.items() if v != {}})
@@ -118,7 +126,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
     params = dict(values.pop("params", {}) or {})
     params.update({k: values.pop(k) for k in list(values) if k not in top and k != "scaling"})
     flags = _picked(args, top)
-    scaling = _picked(args, ["workers", "cpus_per_worker", "gpus_per_worker", "zero", "bf16", "address"])
+    scaling = _picked(args, SCALING_FLAGS)
     for key, value in parse_assignments(args.set).items():
         if key.startswith("scaling."):
             scaling[key.split(".", 1)[1]] = value
@@ -148,7 +156,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         values["shared_work"] = False
     values["fixed"] = parse_assignments(args.set)
     values["probe"] = parse_assignments(args.probe_set)
-    values["scaling"] = _picked(args, ["workers", "cpus_per_worker", "gpus_per_worker", "zero", "bf16", "address"])
+    values["scaling"] = _picked(args, SCALING_FLAGS)
     summary = run_tune(parse_settings(TuneJob, values, source="tune"))
     print(f"{summary['finished_trials']} finished trial(s) in {args.out}; "
           f"stage cache {summary['cache']['stage']['hits']} hit(s) / {summary['cache']['stage']['misses']} miss(es)")

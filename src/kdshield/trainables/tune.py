@@ -446,11 +446,12 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
            "scaling": job.scaling.model_dump(), "cache": _cache_dir(job) if job.shared_work else None,
            "final_stages": list(space.spec.final_stages), "metrics": needed,
            "checkpoint_interval_s": job.checkpoint_interval_s}
-    # A trial's own driver needs next to nothing (Ray Train's controller reserves 0 CPUs) unless its
-    # stages train in it; Tune refuses an all-zero request, so a zero-CPU trial asks for 1 MiB of
-    # memory instead.
-    cpus = job.cpus_per_trial + (job.scaling.cpus_per_worker if trains_in_process(job.scaling) else 0)
-    request = {"CPU": cpus} if cpus > 0 else {"CPU": 0, "memory": 2 ** 20}
+    # A trial's own driver needs next to nothing (Ray Train's controller reserves 0 CPUs); Tune
+    # refuses an all-zero request, so a zero-CPU trial asks for 1 MiB of memory instead. A trial
+    # whose stages train in its own process reserves no more: its Ray Data tasks (tokenising,
+    # mapping streams) need the CPUs between stages, and the plan's concurrency already counts
+    # the CPUs its training uses.
+    request = {"CPU": job.cpus_per_trial} if job.cpus_per_trial > 0 else {"CPU": 0, "memory": 2 ** 20}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), request)
     if mode == "restore":  # Tune keeps the experiment's own RunConfig (its FailureConfig included)
         return tune.Tuner.restore(str(out / EXPERIMENT), trainable=trainable, resume_unfinished=True,
