@@ -77,12 +77,12 @@ def main() -> None:
             _Shard(ids), batch_size=args.batch_size, window=args.window, seed=0, length_key="input_ids"))
         lengths = np.array([len(x) for x in ids])
         rows.append({"dataset": dataset, "rows": len(ids), "mean tokens": float(lengths.mean()),
-                     "max tokens": int(lengths.max()), "before (shuffle buffer)": before,
-                     "after (length-grouped)": after, "padded tokens saved %": 100 * (1 - before / after)})
+                     "max tokens": int(lengths.max()), "before (shuffle buffer) %": 100 * before,
+                     "after (length-grouped) %": 100 * after, "padded tokens saved %": 100 * (1 - before / after)})
     md = ("# Padding efficiency of training batches (issue 19)\n\n"
           f"`python benchmarks/padding.py --batch-size {args.batch_size} --max-length {args.max_length}` "
           f"(MiniLM tokenizer, the BeDKD benchmark cells' 3000 training rows, window {args.window} batches)\n\n"
-          "Real tokens / padded tokens; `padded tokens saved`: the share of the tokens a model ran before "
+          "Padding efficiency: real tokens / padded tokens, %; `padded tokens saved`: the share of the tokens a model ran before "
           "that it no longer runs.\n\n" + markdown_table(rows) + "\n")
     (HERE / "results" / "padding.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
     (HERE / "results" / "padding.md").write_text(md)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from kdshield.errors import InputError
 
@@ -39,6 +39,15 @@ class ScalingSettings(_Settings):
                           "the job is one CPU worker on a Ray it starts itself); a worker group restarts a worker "
                           "that died, in process the job dies with it")
 
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # unset, ``in_process`` is left out of dumps, so job records (and the RUNs and results they
+        # identify) written before the setting existed still match
+        data = handler(self)
+        if self.in_process is None:
+            data.pop("in_process", None)
+        return data
 
     def resolved(self) -> ScalingSettings:
         """These settings with the machine-dependent default filled in: a job of one CPU worker

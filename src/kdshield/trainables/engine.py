@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from kdshield.cluster import ordered_data, plan_resources
@@ -414,6 +415,28 @@ def _live_teacher(stage: Stage):
     return teacher, model_family(teacher.config)
 
 
+def grouped_batches(shard, *, batch_size: int, window: int, seed: int, length_key: str):
+    """A worker's shard as length-grouped numpy batches (see :attr:`Stage.group_window`): each
+    window of ``window * batch_size`` rows is permuted, stably sorted by the length of
+    ``length_key`` (rows without it count as one length), cut into batches of ``batch_size`` and
+    the batches permuted, all with one RNG seeded by ``seed``. Only one batch (in the shard's last
+    window) can be short, so an epoch takes as many steps as plain batching would. ``window`` 0:
+    stream order."""
+    if window <= 0:
+        yield from shard.iter_batches(batch_size=batch_size, batch_format="numpy")
+        return
+    rng = np.random.default_rng(seed)
+    for chunk in shard.iter_batches(batch_size=batch_size * window, batch_format="numpy"):
+        n = len(next(iter(chunk.values())))
+        lengths = (np.fromiter((len(x) for x in chunk[length_key]), dtype=np.int64, count=n)
+                   if length_key in chunk else np.zeros(n, dtype=np.int64))
+        order = rng.permutation(n)
+        order = order[np.argsort(lengths[order], kind="stable")]
+        groups = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        for j in rng.permutation(len(groups)):
+            yield {k: v[groups[j]] for k, v in chunk.items()}
+
+
 def _run_epoch(w: _Worker, epoch: int, teacher, family, collate, progress_s: float) -> dict[str, torch.Tensor]:
     """Every phase of the stage once, in order, each one pass over this worker's shard of its
     stream; returns the per-key sums ``[value * n, n]`` of the losses' logs (and the epoch's
@@ -424,13 +447,15 @@ def _run_epoch(w: _Worker, epoch: int, teacher, family, collate, progress_s: flo
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
     samples = 0
     for phase in stage.phases:
-        shard = w.runtime.shard(phase.stream)
-        batches = shard.iter_torch_batches(
-            batch_size=train.batch_size, collate_fn=collate,
-            local_shuffle_buffer_size=stage.shuffle_buffer or None,
-            local_shuffle_seed=train.seed * 1000 + epoch if stage.shuffle_buffer else None)
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
+        batches = grouped_batches(w.runtime.shard(phase.stream), batch_size=train.batch_size,
+                                  window=stage.group_window, seed=train.seed * 1000 + epoch,
+                                  length_key=f"{w.prefix}input_ids")
+        for rows in batches:
+            batch = {k: v.to(device) for k, v in collate(rows).items()}
+            mask = batch.get(f"{w.prefix}attention_mask")
+            if mask is not None:  # padding efficiency: real tokens / padded tokens
+                sums[f"{phase.label}/tokens"] += torch.tensor([float(mask.sum()), 1.0], dtype=torch.float64)
+                sums[f"{phase.label}/padded_tokens"] += torch.tensor([float(mask.numel()), 1.0], dtype=torch.float64)
             if teacher is not None:
                 with torch.no_grad():
                     cols = model_outputs(teacher, batch["input_ids"], batch["attention_mask"],
@@ -474,7 +499,12 @@ def _epoch_metrics(w: _Worker, sums: dict[str, torch.Tensor], epoch: int, start_
     totals = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, 2, dtype=torch.float64)
     if w.world > 1:
         dist.all_reduce(totals)
-    metrics: dict[str, Any] = {k: float(t[0] / max(t[1], 1)) for k, t in zip(keys, totals)}
+    metrics: dict[str, Any] = {k: float(t[0] / max(t[1], 1)) for k, t in zip(keys, totals)
+                               if not k.endswith("tokens")}
+    for k, t in zip(keys, totals):  # real tokens / padded tokens over the epoch, per phase
+        if k.endswith("/tokens"):
+            padded = totals[keys.index(k.replace("/tokens", "/padded_tokens"))][0]
+            metrics[k.replace("/tokens", "/padding_efficiency")] = float(t[0] / max(padded, 1))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # since the reset, if any
     train_peak_mb = _rss_mb("VmHWM") if w.peak_reset else None
     metrics.update(peak_rss_mb=max(w.load_peak_mb, peak_mb))  # this process, whole life
