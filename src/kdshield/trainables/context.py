@@ -18,6 +18,9 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
+import ray
+import ray.data
+from ray.data.block import BlockAccessor
 
 from kdshield.config import TrainSettings
 from kdshield.datasets import tokenize_dataset
@@ -130,10 +133,6 @@ class JobContext:
 
     def _with_outputs(self, stream, model_dir: str, outputs: tuple[str, ...], kwargs: dict, attn: str | None):
         """``stream`` (rows in its order) with ``teacher_*`` columns scored in this process."""
-        import ray
-        import ray.data
-        from ray.data.block import BlockAccessor
-
         key = kwargs["input_key"]
         table = pa.concat_tables(ray.get(stream.to_arrow_refs()))
         cols = self.scorer.score(table.column(key).to_numpy(zero_copy_only=False), model_dir, outputs,
