@@ -5,7 +5,7 @@ length grouping, on the RT and CR benchmark cells' training sets. No training, n
 
 `before`: what the engine did until this issue, batches of the stream through a seeded local shuffle
 buffer of 2048 rows (modelled as a seeded permutation of each 2048-row buffer); `after`: the engine's
-:func:`~kdshield.trainables.engine.grouped_batches` (windows of 64 batches). Both pad each batch to its
+:func:`~kdshield.trainables.engine.grouped_batches` (windows of 64 batches, 8-token length bands). Both pad each batch to its
 longest row. Writes ``results/padding.{json,md}``.
 """
 

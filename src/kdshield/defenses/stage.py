@@ -88,9 +88,10 @@ class Stage:
     padding_side: str = "right"
     group_window: int = 64
     """Length grouping of the training batches: every epoch, each window of this many batches of a
-    phase's stream is shuffled (seeded by the seed and the epoch), sorted by length and cut into
-    batches, whose order is shuffled again, so a batch pads to rows of about one length and a
-    re-run trains on the same batches. 0: the stream's order, unshuffled."""
+    phase's stream is shuffled (seeded by the seed and the epoch), sorted into length bands of 8
+    tokens and cut into batches, whose order is shuffled again, so a batch pads to rows of about
+    one length, holds rows of every label of that band, and a re-run trains on the same batches.
+    0: the stream's order, unshuffled."""
     live_teacher: ModelSpec | None = None
     """Run this frozen teacher inside the loop at every step, adding the ``teacher_*`` columns
     named by ``live_teacher_outputs`` to each batch (as batch inference would have cached

@@ -415,11 +415,18 @@ def _live_teacher(stage: Stage):
     return teacher, model_family(teacher.config)
 
 
+LENGTH_BAND = 8
+"""Tokens per length band of :func:`grouped_batches`. Rows are grouped by band, not by exact
+length: where length and label go together (a trigger word, a sentiment cue one token long)
+batches sorted by exact length would each hold one label; a band of 8 mixes them and still pads a
+batch by at most 7 tokens per row."""
+
+
 def grouped_batches(shard, *, batch_size: int, window: int, seed: int, length_key: str):
     """A worker's shard as length-grouped numpy batches (see :attr:`Stage.group_window`): each
-    window of ``window * batch_size`` rows is permuted, stably sorted by the length of
-    ``length_key`` (rows without it count as one length), cut into batches of ``batch_size`` and
-    the batches permuted, all with one RNG seeded by ``seed``. Only one batch (in the shard's last
+    window of ``window * batch_size`` rows is permuted, stably sorted by the :data:`LENGTH_BAND`
+    of the length of ``length_key`` (rows without it count as one length), cut into batches of
+    ``batch_size`` and the batches permuted, all with one RNG seeded by ``seed``. Only one batch (in the shard's last
     window) can be short, so an epoch takes as many steps as plain batching would. ``window`` 0:
     stream order."""
     if window <= 0:
@@ -430,8 +437,8 @@ def grouped_batches(shard, *, batch_size: int, window: int, seed: int, length_ke
         n = len(next(iter(chunk.values())))
         lengths = (np.fromiter((len(x) for x in chunk[length_key]), dtype=np.int64, count=n)
                    if length_key in chunk else np.zeros(n, dtype=np.int64))
-        order = rng.permutation(n)
-        order = order[np.argsort(lengths[order], kind="stable")]
+        order = rng.permutation(n)  # random within a band: the stable sort keeps this order
+        order = order[np.argsort(lengths[order] // LENGTH_BAND, kind="stable")]
         groups = [order[i:i + batch_size] for i in range(0, n, batch_size)]
         for j in rng.permutation(len(groups)):
             yield {k: v[groups[j]] for k, v in chunk.items()}
