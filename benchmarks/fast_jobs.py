@@ -155,17 +155,20 @@ def main() -> None:
     ap.add_argument("--jobs", nargs="+", default=list(JOBS), choices=list(JOBS))
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--tag", default="fast_jobs")
+    ap.add_argument("--codes", nargs="+", default=["before", "after"], choices=["before", "after"],
+                    help="which code to run (a ratio needs both)")
     args = ap.parse_args()
     after = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
                            text=True).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"], capture_output=True,
                            text=True).stdout.strip()
-    sources = {"before": source_tree(args.before), "after": ROOT / "src"}
+    sources = {"before": source_tree(args.before) if "before" in args.codes else None, "after": ROOT / "src"}
     store = {"before": args.before, "after": after + (" + uncommitted changes" if dirty else ""),
              "jobs": args.jobs, "rounds": args.rounds, "runs": []}
     for round_ in range(args.rounds):
         for job in args.jobs:
-            for code in (("before", "after") if round_ % 2 == 0 else ("after", "before")):
+            for code in [c for c in (("before", "after") if round_ % 2 == 0 else ("after", "before"))
+                         if c in args.codes]:
                 out = WORK / f"{job}-{code}"
                 print(f"{job} on {code} (round {round_ + 1})", flush=True)
                 result = JOBS[job](sources[code], out, WORK / f"{job}-{code}-{round_}.log")

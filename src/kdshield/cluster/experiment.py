@@ -228,7 +228,10 @@ def run_experiment(settings: ExperimentSettings, out: str | Path, *, log=print) 
             trainable,
             param_space={"seconds": settings.trial_seconds, "x": tune.grid_search(list(range(settings.trials)))},
             tune_config=tune.TuneConfig(),
+            # a trial placed on a node the autoscaler is just removing (short idle timeouts race)
+            # dies with it; it is retried on another, as a real search's trials would be
             run_config=tune.RunConfig(name="autoscaling", storage_path=str(out / "tune"),
+                                      failure_config=tune.FailureConfig(max_failures=2),
                                       callbacks=[_trial_callback()], verbose=0))
         results = tuner.fit()
         search_end = time.time() - t0
