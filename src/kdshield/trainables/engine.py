@@ -3,7 +3,7 @@
 The driver side (:func:`run_stage`) builds a ``TorchTrainer`` whose workers each run
 :func:`_train_worker`; a job of one CPU worker on a Ray it started itself runs that same
 function in its own process instead (:func:`trains_in_process`: no worker group to start per
-stage, the libraries and data already loaded; the fixed cost of a stage drops from ~25 s to a
+stage, the libraries and data already loaded; the fixed cost of a stage drops from 15-42 s to a
 few). Either way the worker (each rank):
 
 1. loads the stage's model (safetensors only) and wrap it in ``deepspeed.initialize`` with the
