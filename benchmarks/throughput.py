@@ -96,7 +96,7 @@ def main() -> None:
                   phases=(Phase("train", CrossEntropy()),),
                   train=TrainSettings(epochs=args.epochs, lr=lr, batch_size=args.batch_size,
                                       max_length=args.max_length, warmup_ratio=0.0),
-                  pad_ids={"input_ids": tok.pad_token_id}, group_window=0)
+                  pad_ids={"input_ids": tok.pad_token_id}, shuffle_buffer=0)
     stream = tokenized_stream(table.take(np.random.default_rng(0).permutation(table.num_rows)), model_dir,
                               args.max_length)
     loops = {

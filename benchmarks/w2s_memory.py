@@ -135,7 +135,7 @@ def main() -> None:
     a, b, g = c.loss_weights
     stage = Stage(name="student", model=ModelSpec(model_dir, 2, lora=lora),
                   phases=(Phase("clean", W2SLoss(a, b, g, c.temperature)),),
-                  pad_ids={"input_ids": tok.pad_token_id}, padding_side="left", group_window=0,
+                  pad_ids={"input_ids": tok.pad_token_id}, padding_side="left", shuffle_buffer=0,
                   train=TrainSettings(epochs=1, lr=c.lr, batch_size=args.batch_size, max_length=args.length,
                                       warmup_ratio=0.0))
     lora_params = None

@@ -326,7 +326,7 @@ def _lora_stage(preset: str, epochs: int, *, dropout: float = 0.1, zero_loss: bo
     loss = W2SLoss(1.0, 0.0, 0.0) if zero_loss else W2SLoss(1.0, 0.5, 0.1)
     stage = Stage(name="lora", model=ModelSpec(model_dir, 2, lora=LoraSpec(r=4, alpha=4.0, dropout=dropout)),
                   phases=(Phase("train", loss),), pad_ids={"input_ids": tok.pad_token_id},
-                  padding_side="left", group_window=0,
+                  padding_side="left", shuffle_buffer=0,
                   train=TrainSettings(epochs=epochs, lr=1e-2, batch_size=8, max_length=16, warmup_ratio=0.5,
                                       checkpoint_interval_s=0))
     return stage, stream

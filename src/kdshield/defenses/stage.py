@@ -86,12 +86,15 @@ class Stage:
     train: TrainSettings
     pad_ids: dict[str, int] = field(default_factory=dict)
     padding_side: str = "right"
-    group_window: int = 64
-    """Length grouping of the training batches: every epoch, each window of this many batches of a
-    phase's stream is shuffled (seeded by the seed and the epoch), sorted into length bands of 8
-    tokens and cut into batches, whose order is shuffled again, so a batch pads to rows of about
-    one length, holds rows of every label of that band, and a re-run trains on the same batches.
-    0: the stream's order, unshuffled."""
+    shuffle_buffer: int = 2048
+    """Rows of the seeded local shuffle buffer the batches are drawn through (0: stream order)."""
+    group_window: int = 0
+    """Length grouping instead (0: off): every epoch, each window of this many batches of a phase's
+    stream is shuffled (seeded by the seed and the epoch), sorted into 8-token length bands and
+    cut into batches, whose order is shuffled again, so a batch pads to rows of about one length.
+    Off by default: where a class's rows are longer (a trigger, a cue word) its batches hold
+    fewer other rows, and on the demo's RUN that cost the attack and the defense measurably
+    (``docs/benchmarks.md``, fast_jobs)."""
     live_teacher: ModelSpec | None = None
     """Run this frozen teacher inside the loop at every step, adding the ``teacher_*`` columns
     named by ``live_teacher_outputs`` to each batch (as batch inference would have cached

@@ -454,11 +454,17 @@ def _run_epoch(w: _Worker, epoch: int, teacher, family, collate, progress_s: flo
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
     samples = 0
     for phase in stage.phases:
-        batches = grouped_batches(w.runtime.shard(phase.stream), batch_size=train.batch_size,
-                                  window=stage.group_window, seed=train.seed * 1000 + epoch,
-                                  length_key=f"{w.prefix}input_ids")
-        for rows in batches:
-            batch = {k: v.to(device) for k, v in collate(rows).items()}
+        shard = w.runtime.shard(phase.stream)
+        if stage.group_window:
+            batches = map(collate, grouped_batches(shard, batch_size=train.batch_size, window=stage.group_window,
+                                                   seed=train.seed * 1000 + epoch, length_key=f"{w.prefix}input_ids"))
+        else:
+            batches = shard.iter_torch_batches(
+                batch_size=train.batch_size, collate_fn=collate,
+                local_shuffle_buffer_size=stage.shuffle_buffer or None,
+                local_shuffle_seed=train.seed * 1000 + epoch if stage.shuffle_buffer else None)
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
             mask = batch.get(f"{w.prefix}attention_mask")
             if mask is not None:  # padding efficiency: real tokens / padded tokens
                 sums[f"{phase.label}/tokens"] += torch.tensor([float(mask.sum()), 1.0], dtype=torch.float64)
