@@ -1,0 +1,192 @@
+"""A real search per defense: ``kdshield tune`` on a development cell, judged against the truth.
+
+For one method, on the development cell (default: Rotten Tomatoes, BadNet 10%, MiniLM-L6, the
+3000/1000-row RUN the other defense benchmarks defend) and one unseen cell no search used
+(default: CR, BadNet):
+
+1. ``kdshield tune`` with the trigger-free ``defender`` objective (TPE + ASHA + shared stages),
+   the packaged search space with the budget below fixed for every trial;
+2. the paper defaults (the method's config defaults at the same budget) on the development
+   cell, trained on the same clean subset the trials trained on;
+3. the best trial by the objective (not by ASR) and the paper defaults re-run on the unseen cell;
+4. ``kdshield report`` of the search.
+
+Written to ``benchmarks/results/search/<method>/``: ``summary.json`` (exactly the keys
+``trials, objective, objective_rank_agreement, default, best, best_in_hindsight,
+unseen_cell``), ``study.db`` (the Optuna study), ``report/`` (the report's tables, plots and
+``best.yaml``), ``search.md`` / ``search.json`` (size, budget, commands, seconds, the trials).
+
+    python benchmarks/search.py --method bedkd [--num-samples 16] [--set key=value ...]
+
+Every step is reused when its output exists (a cut-off run continues where it stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+RESULTS = HERE / "results" / "search"
+
+# What every trial (and both default runs) gets fixed, sized so that a 16-trial search fits in
+# 75 minutes on a 2-core CPU machine (two trials at a time, one thread each). Settings the
+# packaged space searches and the budget fixes are taken out of the search (``--set``).
+BUDGETS = {
+    # the DMM: one temperature and epoch count, so the two alphas make the only two DMM stages
+    "bedkd": {"n_c_dmm": 80, "n_c": 80, "dmm_epochs": 20, "dmm_temperature": 1.5, "dmm_lr": 3e-5,
+              "akd_cycles": 10, "batch_size": 16, "max_length": 64},
+    "nad": {"teacher_epochs": 5, "batch_size": 16, "max_length": 64},
+    "robustkd": {"mask_epochs": 40, "batch_size": 32, "max_length": 64},
+    "mbtsad": {"copies": 3, "retrain_epochs": 3, "batch_size": 16, "max_length": 64},
+    "w2s": {"teacher_epochs": 3, "batch_size": 8, "max_length": 64},
+}
+SUMMARY_KEYS = ("trials", "objective", "objective_rank_agreement", "default", "best", "best_in_hindsight",
+                "unseen_cell")
+SCALING = {"workers": 1, "cpus_per_worker": 2}  # the default and unseen-cell runs: one job alone
+
+
+def kdshield(*args: str) -> None:
+    env = dict(os.environ)
+    env.setdefault("RAY_ADDRESS", "local")
+    subprocess.run([sys.executable, "-m", "kdshield.cli", *args], check=True, env=env)
+
+
+def outcome(metrics: dict) -> dict:
+    return {"asr": metrics.get("asr"), "cacc": metrics.get("cacc"), "asr_no_trigger": metrics.get("asr_no_trigger")}
+
+
+def trials(search: Path) -> list[dict]:
+    """Every finished trial: sampled settings, objective value and the truth (ASR, CACC, no-trigger ASR)."""
+    rows = []
+    for path in sorted((search / "trials").glob("*/result.json")):
+        r = json.loads(path.read_text())
+        m = json.loads((path.parent / "defend" / "metrics.json").read_text())
+        rows.append({"trial_id": r["trial_id"], "sampled": r["sampled"], "params": r["params"],
+                     "defender_score": r["report"]["defender_score"], "seconds": r["report"]["trial_seconds"],
+                     **outcome(m)})
+    return rows
+
+
+def defend(method: str, run: Path, out: Path, params: dict, clean: Path | None = None) -> dict:
+    from kdshield.trainables.defend import DefendJob, run_defend
+
+    return run_defend(DefendJob(method=method, run=str(run), out=str(out), params=params, overwrite=False,
+                                clean=str(clean) if clean else None, scaling=SCALING))
+
+
+def main() -> None:
+    from _cells import cell
+
+    from kdshield.config import parse_assignments
+    from kdshield.evaluation.tune_report import spearman
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", required=True, choices=sorted(BUDGETS))
+    ap.add_argument("--dev", default="rotten-tomatoes/badnet", help="DATASET/ATTACK of the development cell")
+    ap.add_argument("--unseen", default="cr/badnet", help="DATASET/ATTACK of the unseen cell")
+    ap.add_argument("--num-samples", type=int, default=16)
+    ap.add_argument("--max-concurrent", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more fixed settings")
+    ap.add_argument("--tune-arg", action="append", default=[], help="passed to kdshield tune as is")
+    ap.add_argument("--work", default=str(HERE / "work" / "search"))
+    args = ap.parse_args()
+
+    budget = {**BUDGETS[args.method], **parse_assignments(args.set)}
+    work = Path(args.work) / args.method
+    dest = RESULTS / args.method
+    dest.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    runs = {}
+    for name, spec in (("dev", args.dev), ("unseen", args.unseen)):
+        dataset, attack = spec.split("/")
+        runs[name], _ = cell(dataset, attack, train_rows=3000, test_rows=1000, epochs=3)
+    search = work / "tune"
+    command = ["tune", "--method", args.method, "--run", str(runs["dev"]), "--num-samples", str(args.num_samples),
+               "--max-concurrent", str(args.max_concurrent), "--out", str(search), *args.tune_arg]
+    for k, v in budget.items():
+        command += ["--set", f"{k}={v}"]
+    t0 = time.perf_counter()
+    if not (search / "summary.json").is_file():
+        kdshield(*command, *(["--resume"] if (search / "tune.json").is_file() else []))
+    seconds["search"] = time.perf_counter() - t0
+    rows = trials(search)
+    if not rows:
+        raise SystemExit(f"{search}: no finished trial")
+    best = max(rows, key=lambda r: r["defender_score"])
+
+    t0 = time.perf_counter()
+    default_dev = defend(args.method, runs["dev"], work / "default-dev", budget, search / "shared" / "clean_train.parquet")
+    seconds["default_dev"] = time.perf_counter() - t0
+    ok = [r for r in rows if r["cacc"] >= default_dev["cacc"] - 2.0] or rows
+    hindsight = min(ok, key=lambda r: r["asr"])
+    unseen = {}
+    for name, params in (("default", budget), ("tuned", best["params"])):
+        t0 = time.perf_counter()
+        unseen[name] = defend(args.method, runs["unseen"], work / f"{name}-unseen", params)
+        seconds[f"{name}_unseen"] = time.perf_counter() - t0
+
+    summary = {
+        "trials": len(rows),
+        "objective": "defender",
+        "objective_rank_agreement": spearman([r["defender_score"] for r in rows], [-r["asr"] for r in rows]),
+        "default": outcome(default_dev),
+        "best": {k: best[k] for k in ("asr", "cacc", "asr_no_trigger")},
+        "best_in_hindsight": {k: hindsight[k] for k in ("asr", "cacc", "asr_no_trigger")},
+        "unseen_cell": {"cell": args.unseen, **{n: {"asr": m["asr"], "cacc": m["cacc"]} for n, m in unseen.items()}},
+    }
+    assert tuple(summary) == SUMMARY_KEYS
+    (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.copy2(search / "study.db", dest / "study.db")
+    kdshield("report", str(search), "--out", str(dest / "report"))
+    size = {"dev_cell": f"{args.dev}: MiniLM-L6, 3000 training rows (10% poisoned, target 1), 1000 test rows, "
+                        "attack 3 epochs; the defender's clean data is the RUN's dev split (300 rows), 80% of "
+                        "it for training and 20% held out for the objective",
+            "budget": budget, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
+            "machine": f"{os.cpu_count()} CPUs, one thread per trial"}
+    record = {"command": " ".join(["python", "benchmarks/search.py", *sys.argv[1:]]),
+              "tune_command": "kdshield " + " ".join(command), **size, "seconds": seconds,
+              "best_trial": best["trial_id"], "best_params": best["params"],
+              "hindsight_trial": hindsight["trial_id"], "trials": rows,
+              "unseen": {n: outcome(m) for n, m in unseen.items()}}
+    (dest / "search.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    (dest / "search.md").write_text(render(args.method, summary, record))
+    print((dest / "search.md").read_text())
+
+
+def render(method: str, summary: dict, record: dict) -> str:
+    def row(name, m):
+        nt = m.get("asr_no_trigger")
+        return f"| {name} | {m['asr']:.1f} | {m['cacc']:.1f} | {'-' if nt is None else f'{nt:.1f}'} |"
+
+    s = summary
+    lines = [f"# Search: {method} on {record['dev_cell'].split(':')[0]}", "", f"`{record['command']}`", "",
+             f"- development cell: {record['dev_cell']}",
+             f"- budget (fixed for every trial and both default runs): `{json.dumps(record['budget'])}`",
+             f"- {record['num_samples']} trials, {record['max_concurrent']} at a time ({record['machine']}); "
+             f"{s['trials']} finished (the rest stopped by ASHA); search {record['seconds']['search'] / 60:.1f} min",
+             f"- objective: the trigger-free defender score; Spearman with -ASR over the finished trials: "
+             f"{s['objective_rank_agreement']:.3f}", "",
+             "| development cell | ASR % | CACC % | no-trigger ASR % |", "|---|---|---|---|",
+             row("paper defaults", s["default"]), row("best by the objective", s["best"]),
+             row("best in hindsight (lowest ASR, CACC drop <= 2)", s["best_in_hindsight"]), "",
+             f"| unseen cell ({s['unseen_cell']['cell']}) | ASR % | CACC % | no-trigger ASR % |", "|---|---|---|---|",
+             row("paper defaults", record["unseen"]["default"]), row("tuned (best by the objective)",
+                                                                     record["unseen"]["tuned"]), "",
+             f"Best trial `{record['best_trial']}`: `{json.dumps(record['best_params'])}`", "",
+             "| trial | defender score | ASR % | CACC % | no-trigger ASR % | seconds |", "|---|---|---|---|---|---|"]
+    for r in sorted(record["trials"], key=lambda r: -r["defender_score"]):
+        lines.append(f"| {r['trial_id']} | {r['defender_score']:.1f} | {r['asr']:.1f} | {r['cacc']:.1f} | "
+                     f"{r['asr_no_trigger']:.1f} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
