@@ -17,6 +17,12 @@ unseen_cell``), ``study.db`` (the Optuna study), ``report/`` (the report's table
 ``best.yaml``), ``search.md`` / ``search.json`` (size, budget, commands, seconds, the trials).
 
     python benchmarks/search.py --method bedkd [--num-samples 16] [--set key=value ...]
+    python benchmarks/search.py --method bedkd --objective canary   # -> results/search/bedkd-canary/
+
+With ``--objective canary`` the trials defend the canaried suspect (the defender's own second
+backdoor planted first); ``best`` is then its settings re-run on the real suspect of the
+development cell, and every trial carries both trigger-free scores, so ``search.json`` gives the
+rank agreement of each with the true ASR over the very same trials.
 
 Every step is reused when its output exists (a cut-off run continues where it stopped).
 """
@@ -43,7 +49,8 @@ BUDGETS = {
     # the DMM: one temperature and epoch count, so the two alphas make the only two DMM stages
     "bedkd": {"n_c_dmm": 80, "n_c": 80, "dmm_epochs": 20, "dmm_temperature": 1.5, "dmm_lr": 3e-5,
               "akd_cycles": 10, "batch_size": 16, "max_length": 64},
-    "nad": {"teacher_epochs": 5, "batch_size": 16, "max_length": 64},
+    # the teacher (a fine-tuned copy) at fixed settings: one teacher stage shared by every trial
+    "nad": {"teacher_epochs": 5, "teacher_lr": 3e-5, "evaluate_teacher": False, "batch_size": 16, "max_length": 64},
     "robustkd": {"mask_epochs": 40, "batch_size": 32, "max_length": 64},
     "mbtsad": {"copies": 3, "retrain_epochs": 3, "batch_size": 16, "max_length": 64},
     "w2s": {"teacher_epochs": 3, "batch_size": 8, "max_length": 64},
@@ -63,15 +70,30 @@ def outcome(metrics: dict) -> dict:
     return {"asr": metrics.get("asr"), "cacc": metrics.get("cacc"), "asr_no_trigger": metrics.get("asr_no_trigger")}
 
 
+SCORES = {"defender": "defender_score", "canary": "canary_score"}
+
+
 def trials(search: Path) -> list[dict]:
-    """Every finished trial: sampled settings, objective value and the truth (ASR, CACC, no-trigger ASR)."""
+    """Every finished trial: sampled settings, its trigger-free scores and the truth (ASR, CACC,
+    no-trigger ASR)."""
     rows = []
     for path in sorted((search / "trials").glob("*/result.json")):
         r = json.loads(path.read_text())
         m = json.loads((path.parent / "defend" / "metrics.json").read_text())
         rows.append({"trial_id": r["trial_id"], "sampled": r["sampled"], "params": r["params"],
-                     "defender_score": r["report"]["defender_score"], "seconds": r["report"]["trial_seconds"],
-                     **outcome(m)})
+                     **{k: r["report"][k] for k in SCORES.values() if k in r["report"]},
+                     "seconds": r["report"]["trial_seconds"], **outcome(m)})
+    return rows
+
+
+def last_epoch_estimates(search: Path) -> list[dict]:
+    """Every trial's last per-epoch report (stopped trials included): its trigger-free scores and the
+    ASR estimated on a triggered sample of the test set (``--report-asr``)."""
+    rows = []
+    for path in sorted((search / "tune").glob("run_trial_*/result.json")):
+        epochs = [r for r in map(json.loads, path.read_text().splitlines()) if r.get("final") == 0 and "asr" in r]
+        if epochs:
+            rows.append(epochs[-1])
     return rows
 
 
@@ -92,6 +114,7 @@ def main() -> None:
     ap.add_argument("--method", required=True, choices=sorted(BUDGETS))
     ap.add_argument("--dev", default="rotten-tomatoes/badnet", help="DATASET/ATTACK of the development cell")
     ap.add_argument("--unseen", default="cr/badnet", help="DATASET/ATTACK of the unseen cell")
+    ap.add_argument("--objective", choices=sorted(SCORES), default="defender")
     ap.add_argument("--num-samples", type=int, default=16)
     ap.add_argument("--max-concurrent", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more fixed settings")
@@ -100,8 +123,10 @@ def main() -> None:
     args = ap.parse_args()
 
     budget = {**BUDGETS[args.method], **parse_assignments(args.set)}
-    work = Path(args.work) / args.method
-    dest = RESULTS / args.method
+    name = args.method + ("" if args.objective == "defender" else f"-{args.objective}")
+    work = Path(args.work) / name
+    dest = RESULTS / name
+    score = SCORES[args.objective]
     dest.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     runs = {}
@@ -110,21 +135,29 @@ def main() -> None:
         runs[name], _ = cell(dataset, attack, train_rows=3000, test_rows=1000, epochs=3)
     search = work / "tune"
     command = ["tune", "--method", args.method, "--run", str(runs["dev"]), "--num-samples", str(args.num_samples),
-               "--max-concurrent", str(args.max_concurrent), "--out", str(search), *args.tune_arg]
+               "--max-concurrent", str(args.max_concurrent), "--objective", args.objective, "--report-asr",
+               "--out", str(search),
+               *args.tune_arg]
     for k, v in budget.items():
         command += ["--set", f"{k}={v}"]
     t0 = time.perf_counter()
     if not (search / "summary.json").is_file():
         kdshield(*command, *(["--resume"] if (search / "tune.json").is_file() else []))
     seconds["search"] = time.perf_counter() - t0
-    rows = trials(search)
+    rows, estimates = trials(search), last_epoch_estimates(search)
     if not rows:
         raise SystemExit(f"{search}: no finished trial")
-    best = max(rows, key=lambda r: r["defender_score"])
+    best = max(rows, key=lambda r: r[score])
 
+    clean_train = search / "shared" / "clean_train.parquet"  # what the trials trained on
     t0 = time.perf_counter()
-    default_dev = defend(args.method, runs["dev"], work / "default-dev", budget, search / "shared" / "clean_train.parquet")
+    default_dev = defend(args.method, runs["dev"], work / "default-dev", budget, clean_train)
     seconds["default_dev"] = time.perf_counter() - t0
+    best_dev = {k: best[k] for k in ("asr", "cacc", "asr_no_trigger")}
+    if args.objective == "canary":  # the trials defended the canaried suspect: the real one with the same settings
+        t0 = time.perf_counter()
+        best_dev = outcome(defend(args.method, runs["dev"], work / "best-dev", best["params"], clean_train))
+        seconds["best_dev"] = time.perf_counter() - t0
     ok = [r for r in rows if r["cacc"] >= default_dev["cacc"] - 2.0] or rows
     hindsight = min(ok, key=lambda r: r["asr"])
     unseen = {}
@@ -135,10 +168,10 @@ def main() -> None:
 
     summary = {
         "trials": len(rows),
-        "objective": "defender",
-        "objective_rank_agreement": spearman([r["defender_score"] for r in rows], [-r["asr"] for r in rows]),
+        "objective": args.objective,
+        "objective_rank_agreement": spearman([r[score] for r in rows], [-r["asr"] for r in rows]),
         "default": outcome(default_dev),
-        "best": {k: best[k] for k in ("asr", "cacc", "asr_no_trigger")},
+        "best": best_dev,
         "best_in_hindsight": {k: hindsight[k] for k in ("asr", "cacc", "asr_no_trigger")},
         "unseen_cell": {"cell": args.unseen, **{n: {"asr": m["asr"], "cacc": m["cacc"]} for n, m in unseen.items()}},
     }
@@ -154,26 +187,38 @@ def main() -> None:
     record = {"command": " ".join(["python", "benchmarks/search.py", *sys.argv[1:]]),
               "tune_command": "kdshield " + " ".join(command), **size, "seconds": seconds,
               "best_trial": best["trial_id"], "best_params": best["params"],
+              "rank_agreement": {k: spearman([r.get(k, float("nan")) for r in rows], [-r["asr"] for r in rows])
+                                 for k in SCORES.values()},
+              "rank_agreement_every_trial_last_epoch": {
+                  k: spearman([r.get(k, float("nan")) for r in estimates], [-r["asr"] for r in estimates])
+                  for k in SCORES.values()},
+              "trials_with_estimates": len(estimates),
               "hindsight_trial": hindsight["trial_id"], "trials": rows,
               "unseen": {n: outcome(m) for n, m in unseen.items()}}
     (dest / "search.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    (dest / "search.md").write_text(render(args.method, summary, record))
+    (dest / "search.md").write_text(render(name, summary, record))
     print((dest / "search.md").read_text())
 
 
-def render(method: str, summary: dict, record: dict) -> str:
+def render(name: str, summary: dict, record: dict) -> str:
     def row(name, m):
         nt = m.get("asr_no_trigger")
         return f"| {name} | {m['asr']:.1f} | {m['cacc']:.1f} | {'-' if nt is None else f'{nt:.1f}'} |"
 
     s = summary
-    lines = [f"# Search: {method} on {record['dev_cell'].split(':')[0]}", "", f"`{record['command']}`", "",
+    lines = [f"# Search: {name} on {record['dev_cell'].split(':')[0]}", "", f"`{record['command']}`", "",
              f"- development cell: {record['dev_cell']}",
              f"- budget (fixed for every trial and both default runs): `{json.dumps(record['budget'])}`",
              f"- {record['num_samples']} trials, {record['max_concurrent']} at a time ({record['machine']}); "
              f"{s['trials']} finished (the rest stopped by ASHA); search {record['seconds']['search'] / 60:.1f} min",
-             f"- objective: the trigger-free defender score; Spearman with -ASR over the finished trials: "
-             f"{s['objective_rank_agreement']:.3f}", "",
+             f"- objective: {s['objective']}; Spearman with -ASR over the finished trials: "
+             + ", ".join(f"{k} {v:.3f}" for k, v in record["rank_agreement"].items() if v == v)
+             + (" (the trials defended the canaried suspect; their ASR is the real backdoor's in it)"
+                if s["objective"] == "canary" else ""),
+             f"- every trial at its last epoch report ({record['trials_with_estimates']} trials, ASR estimated on a "
+             "triggered sample of the test set): "
+             + (", ".join(f"{k} {v:.3f}" for k, v in record["rank_agreement_every_trial_last_epoch"].items() if v == v)
+                or "not measured (the search ran without --report-asr)"), "",
              "| development cell | ASR % | CACC % | no-trigger ASR % |", "|---|---|---|---|",
              row("paper defaults", s["default"]), row("best by the objective", s["best"]),
              row("best in hindsight (lowest ASR, CACC drop <= 2)", s["best_in_hindsight"]), "",
@@ -181,10 +226,13 @@ def render(method: str, summary: dict, record: dict) -> str:
              row("paper defaults", record["unseen"]["default"]), row("tuned (best by the objective)",
                                                                      record["unseen"]["tuned"]), "",
              f"Best trial `{record['best_trial']}`: `{json.dumps(record['best_params'])}`", "",
-             "| trial | defender score | ASR % | CACC % | no-trigger ASR % | seconds |", "|---|---|---|---|---|---|"]
-    for r in sorted(record["trials"], key=lambda r: -r["defender_score"]):
-        lines.append(f"| {r['trial_id']} | {r['defender_score']:.1f} | {r['asr']:.1f} | {r['cacc']:.1f} | "
-                     f"{r['asr_no_trigger']:.1f} | {r['seconds']:.0f} |")
+             "| trial | defender score | canary score | ASR % | CACC % | no-trigger ASR % | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    key = SCORES[s["objective"]]
+    for r in sorted(record["trials"], key=lambda r: -r[key]):
+        canary = r.get("canary_score")
+        lines.append(f"| {r['trial_id']} | {r['defender_score']:.1f} | {'-' if canary is None else f'{canary:.1f}'} | "
+                     f"{r['asr']:.1f} | {r['cacc']:.1f} | {r['asr_no_trigger']:.1f} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -672,3 +672,71 @@ def test_the_search_record_holds_the_storage_url_without_its_password(monkeypatc
     monkeypatch.setenv(STORAGE_ENV, "postgresql+psycopg2://u:s3cret@db/s")  # the password arrives by environment
     bare = TuneJob(method="bedkd", run="r", out="o")
     assert bare.storage_url().endswith("@db/s") and "s3cret" not in json.dumps(bare.record())
+
+
+# ----------------------------------------------------------------------------- the canary
+
+def test_canary_scores_and_scheduler_metric_follow_the_objective():
+    from kdshield.trainables.canary import canary_target
+    from kdshield.trainables.objective import from_eval_metrics
+    from kdshield.trainables.tune import TuneJob
+
+    est = from_eval_metrics({"eval/val/acc": 0.8, "eval/flagged/acc": 0.5, "eval/canary/acc": 0.25})
+    assert est["canary_score"] == pytest.approx(55.0) and est["canary_asr"] == pytest.approx(25.0)
+    assert est["defender_score"] == pytest.approx(30.0)
+    assert "canary_score" not in from_eval_metrics({"eval/val/acc": 0.8})
+    assert [canary_target(2, 1), canary_target(2, 0), canary_target(5, 3)] == [0, 1, 0]
+    job = {"method": "bedkd", "run": "r", "out": "o"}
+    assert TuneJob(**job, objective="canary").scheduler_metric() == "canary_score"
+    assert TuneJob(**job).scheduler_metric() == "defender_score"
+    assert TuneJob(**job, objective="asr+cacc").scheduler_metric() == "defender_score"
+    assert TuneJob(**job, objective="canary", asha_metric="asr").scheduler_metric() == "asr"
+    assert TuneJob(**job).canary(64, 16) is None
+    assert TuneJob(**job, objective="canary", canary_rate=0.3).canary(64, 16)["rate"] == 0.3
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_a_planted_canary_is_learned_and_the_defense_gets_its_rows(tmp_path, ray_local):
+    """The canary is a real backdoor: after planting, the trigger turns the canaried model's
+    answers to the canary's target (not the suspected target) on held-out rows it classifies
+    correctly without the trigger; the training set handed to the defense is the suspect's
+    plus the canary rows, numbered apart."""
+    import numpy as np
+
+    from kdshield.config import ScalingSettings
+    from kdshield.datasets import read_table
+    from kdshield.datasets.toy import write_toy_run
+    from kdshield.trainables.canary import CANARY_TRIGGERS, plant_canary
+    from kdshield.trainables.inference import LocalScorer, predict_logits
+    from kdshield.trainables.attack import tokenized_stream
+
+    run = write_toy_run(tmp_path / "run")
+    train, clean = read_table(run / "data/train.parquet"), read_table(run / "data/dev.parquet")
+    val = read_table(run / "data/test.parquet")
+    info, evaluation = plant_canary(str(run / "model"), train=train, clean=clean, val=val, num_labels=2,
+                                    suspected_target=1, out=tmp_path / "canary", rate=0.4, epochs=12, lr=2e-3,
+                                    batch_size=8, max_length=16, scaling=ScalingSettings(), seed=0)
+    assert info["canary_target"] == 0 and info["canary_rows"] == 16
+    assert evaluation.num_rows == 8 and set(evaluation.column("label").to_pylist()) == {0}
+    assert all(any(w in t.split() for w in CANARY_TRIGGERS) for t in evaluation.column("text").to_pylist())
+    handed = read_table(tmp_path / "canary" / "train.parquet")
+    assert handed.num_rows == train.num_rows + 16
+    assert len(set(handed.column("source_index").to_pylist())) == handed.num_rows
+    added = handed.slice(train.num_rows)
+    assert added.column("poisoned").to_pylist() == [True] * 16 and set(added.column("label").to_pylist()) == {0}
+
+    def predictions(model, table):
+        logits = predict_logits(tokenized_stream(table, str(run / "model"), 16), str(model), 2,
+                                pad_ids={"input_ids": 0}, padding_side="right", scorer=LocalScorer(2, threads=1))
+        return logits.argmax(-1)
+
+    plain = val.filter(np.asarray(val.column("label").to_pylist()) != 0)  # the same rows without the trigger
+
+    def trigger_effect(model):  # the share of rows the trigger moves to the canary's target
+        return (predictions(model, evaluation) == 0).mean() - (predictions(model, plain) == 0).mean()
+
+    canaried = tmp_path / "canary" / "model"
+    assert (predictions(canaried, plain) == 1).mean() >= 0.75  # the clean task is kept
+    assert trigger_effect(canaried) >= 0.5
+    assert trigger_effect(run / "model") < 0.25  # the suspect had no canary

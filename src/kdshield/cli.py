@@ -150,7 +150,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     top = ["method", "run", "out", "num_samples", "space", "objective", "sampler", "scheduler", "asha_metric",
            "grace_period", "reduction_factor", "max_concurrent", "cpus_per_trial", "storage", "study_name", "resume",
-           "seed", "val_fraction", "probe_n", "cache", "trial_retries", "checkpoint_interval_s"]
+           "seed", "val_fraction", "probe_n", "cache", "trial_retries", "checkpoint_interval_s", "canary_rate",
+           "canary_epochs", "report_asr"]
     values = _picked(args, top)
     if args.no_shared_work:
         values["shared_work"] = False
@@ -292,11 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--space", help="search-space YAML (default: the packaged one of the method)")
     tune.add_argument("--set", action="append", metavar="KEY=VALUE",
                       help="fix a method setting for every trial, e.g. batch_size=8 (repeatable)")
-    tune.add_argument("--objective", choices=["defender", "asr", "cacc", "asr+cacc"],
-                      help="defender (default): trigger-free score; asr+cacc: multi-objective")
+    tune.add_argument("--objective", choices=["defender", "canary", "asr", "cacc", "asr+cacc"],
+                      help="defender (default): trigger-free score; canary: plant a known backdoor and score its "
+                           "removal; asr, cacc, asr+cacc: the truth, on benchmark RUNs")
     tune.add_argument("--sampler", choices=["tpe", "nsga2", "random"])
     tune.add_argument("--scheduler", choices=["asha", "none"], help="early stopping (default asha)")
-    tune.add_argument("--asha-metric", choices=["defender_score", "asr", "cacc"])
+    tune.add_argument("--asha-metric", choices=["defender_score", "canary_score", "asr", "cacc"])
+    tune.add_argument("--canary-rate", type=float, help="canary: share of clean training rows given its trigger")
+    tune.add_argument("--canary-epochs", type=int, help="canary: epochs of fine-tuning that plant it")
+    tune.add_argument("--report-asr", action="store_true", default=None,
+                      help="benchmark RUNs: estimate ASR at every epoch report too (never optimised)")
     tune.add_argument("--grace-period", type=int)
     tune.add_argument("--reduction-factor", type=float)
     tune.add_argument("--max-concurrent", type=int, help="trials at once (default: what fits)")

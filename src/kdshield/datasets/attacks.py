@@ -235,6 +235,11 @@ def triggered_test(ds: Dataset, spec: AttackSpec) -> Dataset:
     return ds.map_batches(_trigger_batch, batch_format="pyarrow", fn_kwargs={"spec": spec})
 
 
+def triggered_table(table: pa.Table, spec: AttackSpec) -> pa.Table:
+    """In-memory equivalent of :func:`triggered_test` on a normalised table."""
+    return _trigger_batch(table, spec=spec)
+
+
 def poison_table(table: pa.Table, spec: AttackSpec) -> pa.Table:
     """In-memory equivalent of selecting rows and :func:`poison_dataset` on a normalised
     table (handy for small data and tests); same result row for row."""

@@ -5,5 +5,6 @@ OBJECTIVES = {  # name -> (metrics, modes)
     "asr": (["asr"], ["min"]),
     "cacc": (["cacc"], ["max"]),
     "asr+cacc": (["asr", "cacc"], ["min", "max"]),
+    "canary": (["canary_score"], ["max"]),
 }
-SCALAR_MODES = {"defender_score": "max", "asr": "min", "cacc": "max"}
+SCALAR_MODES = {"defender_score": "max", "asr": "min", "cacc": "max", "canary_score": "max"}

@@ -29,7 +29,8 @@ import yaml
 from kdshield.errors import InputError
 from kdshield.evaluation.objectives import OBJECTIVES, SCALAR_MODES
 
-METRICS = ("cacc", "asr", "defender_score", "far", "frr", "trial_seconds")
+METRICS = ("cacc", "asr", "defender_score", "canary_score", "canary_asr", "far", "frr", "trial_seconds")
+SCORES = {"defender_score": "the defender score", "canary_score": "the canary score"}  # trigger-free objectives
 
 
 def spearman(x, y) -> float:
@@ -223,12 +224,14 @@ def write_report(dirs: list[str], out: str | None = None) -> dict[str, Any]:
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r["params"].get(c) if c in params else r.get(c)) for c in columns) + " |")
     finished = [r for r in rows if r["status"] == "finished"]
-    rho = spearman([r.get("defender_score") for r in finished], [r.get("asr") for r in finished]) \
-        if any(r.get("asr") is not None for r in finished) else float("nan")
     summary = [f"{len(rows)} trial(s), {len(finished)} finished."]
-    if np.isfinite(rho):
-        summary.append(f"Spearman rank correlation of the defender score with the true ASR over finished "
-                       f"trials: {rho:.3f} (near -1: the trigger-free score ranks trials as ASR does).")
+    rhos = {}
+    for score, words in SCORES.items():
+        scored = [r for r in finished if r.get(score) is not None and r.get("asr") is not None]
+        rhos[score] = spearman([r[score] for r in scored], [r["asr"] for r in scored])
+        if np.isfinite(rhos[score]):
+            summary.append(f"Spearman rank correlation of {words} with the true ASR over finished trials: "
+                           f"{rhos[score]:.3f} (near -1: it ranks trials as ASR does).")
     front = _plot_pareto(rows, dest / "pareto.png")
     importances = _plot_importance(searches, dest / "importance.png")
     best_files = []
@@ -252,7 +255,8 @@ def write_report(dirs: list[str], out: str | None = None) -> dict[str, Any]:
             summary.append(f"Best ({', '.join(metrics)}): trial {row['trial']} -> {name}")
     markdown = "\n".join(["# kdshield tune report", "", *summary, "", *lines, ""])
     (dest / "trials.md").write_text(markdown)
-    report = {"trials": rows, "spearman_defender_vs_asr": rho, "pareto": [r["trial"] for r in front],
+    report = {"trials": rows, "spearman_defender_vs_asr": rhos["defender_score"],
+              "spearman_canary_vs_asr": rhos["canary_score"], "pareto": [r["trial"] for r in front],
               "importances": importances, "best": [str(p) for p in best_files]}
     (dest / "report.json").write_text(json.dumps(report, indent=2, default=str, sort_keys=True) + "\n")
     return {"markdown_text": markdown, "markdown": dest / "trials.md", "csv": dest / "trials.csv",

@@ -37,13 +37,15 @@ from kdshield.datasets import stratified_split, write_table
 from kdshield.datasets.subsets import with_labels
 from kdshield.defenses.bedkd.recipe import clean_sets, identify_poisoned, train_dmm
 from kdshield.trainables.attack import tokenized_stream
+from kdshield.trainables.canary import plant_canary
 from kdshield.trainables.context import JobContext
 from kdshield.trainables.defend import resolve_inputs
 from kdshield.trainables.hooks import DefenseHooks
 from kdshield.trainables.inference import LocalScorer, predict_logits
 from kdshield.trainables.runs import say, write_json
 
-VAL, FLAGGED, TRIGGERED = "val", "flagged", "triggered"
+VAL, FLAGGED, TRIGGERED, CANARY = "val", "flagged", "triggered", "canary"
+CANARY_DIR = "canary"  # in the probe's directory: the canaried model and its training set
 
 
 def score(val_acc: float, flagged_acc: float | None) -> float:
@@ -60,19 +62,26 @@ def from_eval_metrics(metrics: dict[str, Any]) -> dict[str, float] | None:
     out = {"defender_score": score(val, flagged), "cacc": 100.0 * val}
     if flagged is not None:
         out["flagged_agreement"] = 100.0 * flagged
+    if f"eval/{CANARY}/acc" in metrics:
+        canary = metrics[f"eval/{CANARY}/acc"]
+        out["canary_asr"] = 100.0 * canary
+        out["canary_score"] = 100.0 * (val - canary)
     if f"eval/{TRIGGERED}/acc" in metrics:
         out["asr"] = 100.0 * metrics[f"eval/{TRIGGERED}/acc"]
     return out
 
 
 def build_probe(job, shared: Path, *, cache, val_fraction: float, probe_n: int, seed: int,
-                triggered_rows: int = 0) -> dict[str, Any]:
+                triggered_rows: int = 0, canary: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write ``shared/{clean_train,val,flagged}.parquet`` and ``probe.json`` (once; reused after).
 
     ``job`` is a :class:`~kdshield.trainables.defend.DefendJob` (method bedkd, its params are
     the probe's DMM/identification settings) whose ``clean`` is the defender's whole clean set.
     With ``triggered_rows`` > 0 (benchmarks only), a seeded subset of the triggered test set
-    labelled with the target label is written too, for per-epoch ASR estimates.
+    labelled with the target label is written too, for per-epoch ASR estimates. With ``canary``
+    (keyword arguments of :func:`~kdshield.trainables.canary.plant_canary`: rate, epochs, lr,
+    batch_size, max_length), the defender's canary is planted into ``shared/canary`` and its
+    evaluation rows written to ``canary.parquet``.
     """
     done = shared / "probe.json"
     if done.is_file():
@@ -102,6 +111,12 @@ def build_probe(job, shared: Path, *, cache, val_fraction: float, probe_n: int, 
     info: dict[str, Any] = {"n_val": val.num_rows, "n_clean_train": clean_train.num_rows,
                             "n_flagged": int(len(rows)), "suspected_target": int(target),
                             "settings": c.model_dump(mode="json")}
+    if canary is not None:
+        planted, evaluation = plant_canary(
+            inputs.model_dir, train=inputs.train, clean=clean_train, val=val, num_labels=inputs.num_labels,
+            suspected_target=int(target), out=shared / CANARY_DIR, scaling=job.scaling, seed=seed, **canary)
+        write_table(evaluation, shared / f"{CANARY}.parquet")
+        info.update(planted)
     if "poisoned" in inputs.train.column_names and len(rows):  # ground truth: reported, never used
         truth = inputs.train.column("poisoned").to_numpy(zero_copy_only=False)
         info["flagged_precision"] = float(100.0 * truth[rows].mean())
@@ -120,9 +135,9 @@ def build_probe(job, shared: Path, *, cache, val_fraction: float, probe_n: int, 
 
 
 def eval_tables(shared: Path) -> dict[str, pa.Table]:
-    """The probe's evaluation tables that are not empty: val, flagged, (triggered)."""
+    """The probe's evaluation tables that are not empty: val, flagged, (triggered), (canary)."""
     out = {}
-    for name in (VAL, FLAGGED, TRIGGERED):
+    for name in (VAL, FLAGGED, TRIGGERED, CANARY):
         path = shared / f"{name}.parquet"
         if path.is_file():
             table = pq.read_table(path)  # written by build_probe, already normalised

@@ -5,7 +5,9 @@ Shape of a search (OUT is ``--out``):
 - **Search space**: :func:`kdshield.search_spaces.load_space` (packaged YAML or ``--space``),
   validated before anything runs; ``--set key=value`` fixes more settings for every trial.
 - **Sampler**: ``OptunaSearch`` with TPE for one objective (``defender``: maximise the
-  trigger-free :mod:`defender score <kdshield.trainables.objective>`; ``asr``: minimise;
+  trigger-free :mod:`defender score <kdshield.trainables.objective>`; ``canary``: maximise the
+  :mod:`canary score <kdshield.trainables.canary>`, every trial defending the suspect with the
+  defender's own known backdoor planted in it; ``asr``: minimise;
   ``cacc``: maximise) or NSGA-II (or TPE) for ``asr+cacc`` (ASR down, CACC up together);
   ``random`` for baselines.
 - **Early stopping**: ASHA on a scalar every trial reports after every epoch of the stage that
@@ -67,7 +69,7 @@ from kdshield.trainables.defend import DefendJob, check_job, resolve_inputs, run
 from kdshield.trainables.durable_search import DurableOptunaSearch
 from kdshield.trainables.engine import trains_in_process
 from kdshield.trainables.hooks import DefenseHooks
-from kdshield.trainables.objective import build_probe, eval_tables, final_scores, from_eval_metrics
+from kdshield.trainables.objective import CANARY_DIR, build_probe, eval_tables, final_scores, from_eval_metrics
 from kdshield.trainables.runs import say, write_json
 from kdshield.trainables.stage_cache import StageCache, read_events
 from kdshield.trainables.stage_runs import StageRuns
@@ -84,7 +86,9 @@ class TuneJob(_Settings):
     num_samples: int = Field(16, ge=1, description="trials in the whole search")
     space: str | None = Field(None, description="search-space YAML; default: the packaged one of the method")
     fixed: dict[str, Any] = Field(default_factory=dict, description="settings fixed for every trial (--set)")
-    objective: Literal["defender", "asr", "cacc", "asr+cacc"] = "defender"
+    objective: Literal["defender", "canary", "asr", "cacc", "asr+cacc"] = Field("defender", description=(
+        "defender: the trigger-free defender score; canary: plant a known backdoor first and score its "
+        "removal with clean accuracy; asr, cacc, asr+cacc: the truth (benchmark RUNs only)"))
     sampler: Literal["tpe", "nsga2", "random"] | None = Field(
         None, description="default: tpe for one objective, nsga2 for asr+cacc")
     trial_retries: int = Field(2, ge=0, description="times Tune retries a trial whose process died "
@@ -93,7 +97,9 @@ class TuneJob(_Settings):
         None, ge=0, description="trials' stages checkpoint when this long has passed since the last checkpoint "
                                 "(0: every epoch; default: the engine's 60 s)")
     scheduler: Literal["asha", "none"] = "asha"
-    asha_metric: Literal["defender_score", "asr", "cacc"] = "defender_score"
+    asha_metric: Literal["defender_score", "canary_score", "asr", "cacc"] | None = Field(
+        None, description="the per-epoch value ASHA stops trials on (default: the objective's when it is one "
+                          "scalar, else defender_score)")
     grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial can be stopped")
     reduction_factor: float = Field(3.0, gt=1)
     max_concurrent: int | None = Field(None, ge=1, description="default: as many trials as fit the cluster")
@@ -109,6 +115,13 @@ class TuneJob(_Settings):
     probe_n: int = Field(64, ge=1, description="at most this many flagged suspicious samples")
     probe: dict[str, Any] = Field(default_factory=dict, description="BeDKD settings of the probe's DMM")
     triggered_eval_rows: int = Field(200, ge=1, description="triggered test rows for per-epoch ASR (benchmarks)")
+    report_asr: bool = Field(False, description=(
+        "benchmark RUNs: every epoch report also estimates ASR on triggered_eval_rows triggered test rows, "
+        "so a stopped trial's ASR is known too; reported, never optimised"))
+    canary_rate: float = Field(0.2, gt=0, le=1, description="canary: share of the clean training rows that get "
+                                                           "the canary trigger")
+    canary_epochs: int = Field(2, ge=1, description="canary: epochs of fine-tuning that plant it")
+    canary_lr: float = Field(5e-5, gt=0, le=1, description="canary: learning rate of that fine-tuning")
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
 
     def identity(self, space) -> dict[str, Any]:
@@ -116,7 +129,30 @@ class TuneJob(_Settings):
         return {"method": self.method, "run": str(Path(self.run).resolve()), "objective": self.objective,
                 "sampler": self.sampler_name(), "params": {k: repr(v) for k, v in space.params.items()},
                 "fixed": space.fixed, "seed": self.seed, "val_fraction": self.val_fraction,
-                "probe_n": self.probe_n, "probe": self.probe}
+                "probe_n": self.probe_n, "probe": self.probe,
+                **({"canary": [self.canary_rate, self.canary_epochs, self.canary_lr]} if self.objective == "canary"
+                   else {})}
+
+    def measures_asr(self) -> bool:
+        """Whether trials estimate ASR every epoch (the objective or ASHA needs it, or ``report_asr``)."""
+        return self.report_asr or "asr" in OBJECTIVES[self.objective][0] or (
+            self.scheduler == "asha" and self.scheduler_metric() == "asr")
+
+    def scheduler_metric(self) -> str:
+        """The metric ASHA stops trials on."""
+        if self.asha_metric:
+            return self.asha_metric
+        metrics = OBJECTIVES[self.objective][0]
+        return metrics[0] if len(metrics) == 1 and metrics[0] in ("defender_score", "canary_score") else \
+            "defender_score"
+
+    def canary(self, max_length: int, batch_size: int) -> dict[str, Any] | None:
+        """The canary's planting settings (:func:`~kdshield.trainables.canary.plant_canary`), for
+        ``--objective canary``."""
+        if self.objective != "canary":
+            return None
+        return {"rate": self.canary_rate, "epochs": self.canary_epochs, "lr": self.canary_lr,
+                "batch_size": batch_size, "max_length": max_length}
 
     def sampler_name(self) -> str:
         return self.sampler or ("nsga2" if self.objective == "asr+cacc" else "tpe")
@@ -192,10 +228,10 @@ def validate(job: TuneJob):
         for value in p.values_to_check():
             sampled = {**{n: q.first() for n, q in space.params.items()}, name: value}
             check_job(template.model_copy(update={"params": space.settings(sampled)}), inputs)
-    metrics = set(OBJECTIVES[job.objective][0]) | ({job.asha_metric} if job.scheduler == "asha" else set())
-    if "asr" in metrics and inputs.triggered is None:
-        raise InputError(f"--objective {job.objective} / --asha-metric {job.asha_metric}: the RUN has no triggered "
-                         "test set, so ASR is unknown (use --objective defender)")
+    if job.measures_asr() and inputs.triggered is None:
+        raise InputError(f"--objective {job.objective} / --asha-metric {job.scheduler_metric()}"
+                         f"{' / --report-asr' if job.report_asr else ''}: the RUN has no triggered test set, so ASR "
+                         "is unknown (use --objective defender or canary)")
     n_val = round(job.val_fraction * inputs.clean.num_rows)
     if n_val < job.scaling.workers or inputs.clean.num_rows - n_val < job.scaling.workers:
         raise InputError(f"--val-fraction {job.val_fraction}: the clean set ({inputs.clean.num_rows} rows) is too "
@@ -335,9 +371,11 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         ray.tune.report({**done["report"], "reused": 1})
         return
     shared = out / "shared"
+    canary = shared / CANARY_DIR  # --objective canary: the trial defends the canaried suspect
     job = DefendJob(method=space.method, run=ctx["run"], clean=str(shared / "clean_train.parquet"),
-                    out=str(trial_dir / "defend"), params=params,
-                    scaling=ScalingSettings(**ctx["scaling"]))
+                    out=str(trial_dir / "defend"), params=params, scaling=ScalingSettings(**ctx["scaling"]),
+                    **({"model": str(canary / "model"), "train": str(canary / "train.parquet")}
+                       if (canary / "model").is_dir() else {}))
     config_obj = space.config(sampled)
     tables = eval_tables(shared)
     wanted = set(ctx["metrics"])
@@ -378,8 +416,9 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     for key in ("far", "frr", "n_identified", "gamma"):
         if isinstance(metrics.get(key), (int, float)):
             report[key] = metrics[key]
-    if "flagged_agreement" in last:
-        report["flagged_agreement"] = last["flagged_agreement"]
+    for key in ("flagged_agreement", "canary_score", "canary_asr"):
+        if key in last:
+            report[key] = last[key]
     if cache is not None:
         report["cache_stage_hits"] = cache.counts["stage"]["hits"]
         report["cache_saved_seconds"] = cache.saved_seconds
@@ -441,7 +480,8 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
 
     out = Path(job.out).resolve()
     metrics, modes = OBJECTIVES[job.objective]
-    needed = sorted(set(metrics) | ({job.asha_metric} if job.scheduler == "asha" else set()))
+    needed = sorted(set(metrics) | ({job.scheduler_metric()} if job.scheduler == "asha" else set())
+                    | ({"asr"} if job.measures_asr() else set()))
     ctx = {"space": space, "out": str(out), "run": str(Path(job.run).resolve()),
            "scaling": job.scaling.model_dump(), "cache": _cache_dir(job) if job.shared_work else None,
            "final_stages": list(space.spec.final_stages), "metrics": needed,
@@ -460,8 +500,8 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
     searcher = DurableOptunaSearch(space=space.distributions(), metric=metrics if len(metrics) > 1 else metrics[0],
                                    mode=modes if len(modes) > 1 else modes[0], sampler=_sampler(job.sampler_name(), job.seed),
                                    study_name=job.study_name or f"kdshield-{job.method}", storage=storage)
-    scheduler = (ASHAScheduler(time_attr="training_iteration", metric=job.asha_metric,
-                               mode=SCALAR_MODES[job.asha_metric], max_t=max(_max_t(space), job.grace_period),
+    scheduler = (ASHAScheduler(time_attr="training_iteration", metric=job.scheduler_metric(),
+                               mode=SCALAR_MODES[job.scheduler_metric()], max_t=max(_max_t(space), job.grace_period),
                                grace_period=job.grace_period, reduction_factor=job.reduction_factor)
                  if job.scheduler == "asha" else FIFOScheduler())
     import ray.tune
@@ -528,14 +568,14 @@ def run_tune(job: TuneJob) -> dict[str, Any]:
                           params=probe.model_dump(mode="json"))
     build_probe(probe_job, out / "shared", cache=cache or StageCache(out / "shared" / "probe-cache"),
                 val_fraction=job.val_fraction, probe_n=job.probe_n, seed=job.seed,
-                triggered_rows=job.triggered_eval_rows if "asr" in json.dumps(OBJECTIVES[job.objective]) or
-                job.asha_metric == "asr" else 0)
+                triggered_rows=job.triggered_eval_rows if job.measures_asr() else 0,
+                canary=job.canary(probe.max_length, probe.batch_size))
     if mode == "study" and completed >= job.num_samples:
         say(f"study {study_name!r} already has {completed} finished trial(s); nothing to do")
     else:
         tuner = build_tuner(job, space, mode=mode, concurrent=concurrent, completed=completed)
         say(f"searching {job.method}: {job.num_samples} trial(s), objective {job.objective} "
-            f"({job.sampler_name()}{', ASHA on ' + job.asha_metric if job.scheduler == 'asha' else ''}), "
+            f"({job.sampler_name()}{', ASHA on ' + job.scheduler_metric() if job.scheduler == 'asha' else ''}), "
             f"{concurrent} at a time; study {study_name!r} in {redact_url(job.storage_url())}")
         grid = tuner.fit()
         errors = [r.error for r in grid if r.error is not None]
