@@ -9,6 +9,8 @@ For one method, on the development cell (default: Rotten Tomatoes, BadNet 10%, M
 2. the paper defaults (the method's config defaults at the same budget) on the development
    cell, trained on the same clean subset the trials trained on;
 3. the best trial by the objective (not by ASR) and the paper defaults re-run on the unseen cell;
+   (every search here shares one stage cache, ``WORK/cache``: the defender probe's DMM on the
+   development cell, identical for every method, trains once);
 4. ``kdshield report`` of the search.
 
 Written to ``benchmarks/results/search/<method>/``: ``summary.json`` (exactly the keys
@@ -136,7 +138,7 @@ def main() -> None:
     search = work / "tune"
     command = ["tune", "--method", args.method, "--run", str(runs["dev"]), "--num-samples", str(args.num_samples),
                "--max-concurrent", str(args.max_concurrent), "--objective", args.objective, "--report-asr",
-               "--out", str(search),
+               "--out", str(search), "--cache", str(Path(args.work) / "cache"),
                *args.tune_arg]
     for k, v in budget.items():
         command += ["--set", f"{k}={v}"]
