@@ -132,9 +132,9 @@ def main() -> None:
     dest.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     runs = {}
-    for name, spec in (("dev", args.dev), ("unseen", args.unseen)):
+    for which, spec in (("dev", args.dev), ("unseen", args.unseen)):
         dataset, attack = spec.split("/")
-        runs[name], _ = cell(dataset, attack, train_rows=3000, test_rows=1000, epochs=3)
+        runs[which], _ = cell(dataset, attack, train_rows=3000, test_rows=1000, epochs=3)
     search = work / "tune"
     command = ["tune", "--method", args.method, "--run", str(runs["dev"]), "--num-samples", str(args.num_samples),
                "--max-concurrent", str(args.max_concurrent), "--objective", args.objective, "--report-asr",
@@ -163,10 +163,10 @@ def main() -> None:
     ok = [r for r in rows if r["cacc"] >= default_dev["cacc"] - 2.0] or rows
     hindsight = min(ok, key=lambda r: r["asr"])
     unseen = {}
-    for name, params in (("default", budget), ("tuned", best["params"])):
+    for which, params in (("default", budget), ("tuned", best["params"])):
         t0 = time.perf_counter()
-        unseen[name] = defend(args.method, runs["unseen"], work / f"{name}-unseen", params)
-        seconds[f"{name}_unseen"] = time.perf_counter() - t0
+        unseen[which] = defend(args.method, runs["unseen"], work / f"{which}-unseen", params)
+        seconds[f"{which}_unseen"] = time.perf_counter() - t0
 
     summary = {
         "trials": len(rows),

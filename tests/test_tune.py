@@ -715,7 +715,7 @@ def test_a_planted_canary_is_learned_and_the_defense_gets_its_rows(tmp_path, ray
     train, clean = read_table(run / "data/train.parquet"), read_table(run / "data/dev.parquet")
     val = read_table(run / "data/test.parquet")
     info, evaluation = plant_canary(str(run / "model"), train=train, clean=clean, val=val, num_labels=2,
-                                    suspected_target=1, out=tmp_path / "canary", rate=0.4, epochs=12, lr=2e-3,
+                                    suspected_target=1, out=tmp_path / "canary", rate=0.4, epochs=30, lr=3e-3,
                                     batch_size=8, max_length=16, scaling=ScalingSettings(), seed=0)
     assert info["canary_target"] == 0 and info["canary_rows"] == 16
     assert evaluation.num_rows == 8 and set(evaluation.column("label").to_pylist()) == {0}
