@@ -179,3 +179,56 @@ def test_the_cpu_engine_skips_deepspeeds_shared_memory_op_build(monkeypatch):
     monkeypatch.setattr(deepspeed.ops, "__compatible_ops__", {"deepspeed_shm_comm": True}, raising=False)
     _skip_shm_comm_build()
     assert build_shm_op() is None
+
+
+def test_a_checkpoint_resumes_only_with_the_files_its_manifest_lists(tmp_path):
+    """Resuming unpickles optimizer state, so a checkpoint is read only when every file in it is
+    one the engine wrote, unchanged: a changed byte, a foreign file, a missing file or a missing
+    manifest is refused with one line before anything is loaded."""
+    from kdshield.errors import InputError
+    from kdshield.trainables.engine import verify_manifest, write_manifest
+
+    ckpt = tmp_path / "checkpoint_000002"
+    (ckpt / "ds").mkdir(parents=True)
+    (ckpt / "ds" / "optim_states.pt").write_bytes(b"rank0 state")
+    (ckpt / "kdshield_state.json").write_text("{}")
+    with pytest.raises(InputError, match="no kdshield manifest"):
+        verify_manifest(ckpt)
+    write_manifest(ckpt, rank=0)
+    verify_manifest(ckpt)
+    (ckpt / "ds" / "rank1.pt").write_bytes(b"rank1 state")  # another rank's file, in its own manifest
+    write_manifest(ckpt, rank=1)
+    verify_manifest(ckpt)
+
+    (ckpt / "ds" / "optim_states.pt").write_bytes(b"rank0 statf")
+    with pytest.raises(InputError, match="optim_states.pt: changed since the checkpoint was saved"):
+        verify_manifest(ckpt)
+    (ckpt / "ds" / "optim_states.pt").write_bytes(b"rank0 state")
+    (ckpt / "ds" / "evil.pt").write_bytes(b"cos\nsystem\n")
+    with pytest.raises(InputError, match="evil.pt: a file no manifest lists"):
+        verify_manifest(ckpt)
+    (ckpt / "ds" / "evil.pt").unlink()
+    (ckpt / "kdshield_state.json").unlink()
+    with pytest.raises(InputError, match="kdshield_state.json: listed in the manifest but missing"):
+        verify_manifest(ckpt)
+
+
+def test_a_tampered_in_process_checkpoint_is_refused_before_it_is_loaded(tiny_stream, tmp_path):
+    from kdshield.errors import InputError
+    from kdshield.trainables.stage_runs import StageRuns
+
+    model_dir, tok, stream = tiny_stream
+    scaling = ScalingSettings(workers=1, cpus_per_worker=2)
+    stage = make_stage(model_dir, tok, epochs=3)
+
+    def die_after_two(name, metrics):
+        if metrics["epoch"] == 2:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        StageRuns(tmp_path).run(stage, {"train": stream}, scaling, on_report=die_after_two)
+    ckpt = next(tmp_path.glob("*/checkpoint_000002"))
+    victim = next(p for p in sorted((ckpt / "ds").rglob("*")) if p.is_file())
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(InputError, match="changed since the checkpoint was saved"):
+        StageRuns(tmp_path).run(stage, {"train": stream}, scaling)

@@ -420,7 +420,7 @@ def test_stage_runs_reuse_a_finished_run_and_restart_an_unreadable_one(tmp_path)
     was (the engine cannot resume from a final export); a torn snapshot means starting over."""
     from kdshield.config import TrainSettings
     from kdshield.defenses.losses import CrossEntropy
-    from kdshield.trainables.engine import STATE_FILE
+    from kdshield.trainables.engine import STATE_FILE, write_manifest
     from kdshield.defenses.stage import ModelSpec, Phase, Stage
     from kdshield.trainables.stage_runs import SNAPSHOT, StageRuns, finished_result, read_attempts
 
@@ -433,6 +433,7 @@ def test_stage_runs_reuse_a_finished_run_and_restart_an_unreadable_one(tmp_path)
     (final / "hf_model" / "config.json").write_text("{}")
     history = [{"epoch": 1, "epoch_seconds": 1.0}, {"epoch": 2, "epoch_seconds": 2.0}]
     (final / STATE_FILE).write_text(json.dumps({"epoch": 2, "history": history}))
+    write_manifest(final, rank=0)  # what the engine writes with every checkpoint
     (mid / "ds").mkdir(parents=True)
     (mid / STATE_FILE).write_text(json.dumps({"epoch": 1, "history": history[:1]}))
     (run_dir / SNAPSHOT).write_text(json.dumps({"latest_checkpoint_result": {"checkpoint_dir_name": final.name}}))

@@ -35,6 +35,7 @@ Nothing here knows about attacks or defenses: they differ only in their stages.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -53,6 +54,7 @@ from kdshield.cluster import ordered_data, plan_resources
 from kdshield.config import ScalingSettings, TrainSettings
 from kdshield.datasets import PadCollate
 from kdshield.defenses.stage import Stage
+from kdshield.errors import InputError
 from kdshield.models import load_classifier, model_family, save_classifier
 from kdshield.models.lora import merge_into, save_adapter, wrap_lora
 from kdshield.models.outputs import model_outputs
@@ -63,6 +65,55 @@ EXTRAS_FILE = "extras.safetensors"
 DS_TAG = "ds"
 STATE_FILE = "kdshield_state.json"
 LATEST_FILE = "kdshield_latest.json"  # an in-process run's latest checkpoint
+MANIFEST_PREFIX = "kdshield_manifest"  # kdshield_manifest.rankN.json: SHA-256 of each file rank N wrote
+
+
+class CheckpointRefused(InputError):
+    """A checkpoint whose files do not match the manifests written when it was saved."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, rank: int) -> None:
+    """Record the SHA-256 of every file ``rank`` wrote into ``directory`` (each rank writes its own
+    files, and its own manifest, before Ray Train merges the ranks' directories)."""
+    directory = Path(directory)
+    files = {str(p.relative_to(directory)): _sha256(p) for p in sorted(directory.rglob("*"))
+             if p.is_file() and not p.name.startswith(MANIFEST_PREFIX)}
+    (directory / f"{MANIFEST_PREFIX}.rank{rank}.json").write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_manifest(directory: Path) -> None:
+    """Refuse (:class:`CheckpointRefused`, one line) a checkpoint with no manifest, a file no
+    manifest lists, a listed file missing, or one whose bytes changed since it was saved: resuming
+    loads optimizer state with ``torch.load`` (pickle), so only the files kdshield wrote may be read."""
+    directory = Path(directory)
+    listed: dict[str, str] = {}
+    manifests = sorted(directory.glob(f"{MANIFEST_PREFIX}.rank*.json"))
+    if not manifests:
+        raise CheckpointRefused(f"{directory}: checkpoint has no kdshield manifest; refusing to resume from it")
+    for manifest in manifests:
+        try:
+            listed.update(json.loads(manifest.read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointRefused(f"{manifest}: unreadable checkpoint manifest; refusing to resume") from None
+    present = {str(p.relative_to(directory)) for p in directory.rglob("*")
+               if p.is_file() and not p.name.startswith(MANIFEST_PREFIX)}
+    for name in sorted(present - set(listed)):
+        raise CheckpointRefused(f"{directory / name}: a file no manifest lists (not written by kdshield); "
+                                "refusing to resume from this checkpoint")
+    for name, digest in sorted(listed.items()):
+        if name not in present:
+            raise CheckpointRefused(f"{directory / name}: listed in the manifest but missing; refusing to resume")
+        if _sha256(directory / name) != digest:
+            raise CheckpointRefused(f"{directory / name}: changed since the checkpoint was saved (SHA-256 "
+                                    "differs); refusing to resume from it")
 
 
 @dataclass
@@ -398,6 +449,7 @@ def _resume(w: _Worker, resume_from: str | None) -> tuple[int, list[dict[str, An
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as ckpt_dir:
+        verify_manifest(Path(ckpt_dir))  # before anything is unpickled
         w.engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=not w.lora)
         state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
     if w.rank == 0:
@@ -549,6 +601,7 @@ def _report(w: _Worker, metrics: dict[str, Any], history: list[dict], *, final: 
             w.engine.save_checkpoint(str(directory), tag=DS_TAG, exclude_frozen_parameters=w.lora)
         if w.rank == 0:
             Path(directory, STATE_FILE).write_text(json.dumps({"epoch": metrics["epoch"], "history": history}))
+        write_manifest(directory, w.rank)
 
     w.runtime.report(metrics, write)
 

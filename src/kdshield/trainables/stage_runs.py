@@ -46,6 +46,7 @@ from kdshield.trainables.engine import (
     latest_in_process_checkpoint,
     run_stage,
     trains_in_process,
+    verify_manifest,
 )
 from kdshield.trainables.runs import say
 
@@ -130,6 +131,7 @@ def finished_result(checkpoint: Path, stage):
         return None
     if (checkpoint / DS_TAG).exists() or state.get("epoch") != stage.train.epochs:
         return None
+    verify_manifest(checkpoint)  # its model is used as trained: only the files the stage wrote
     model_dir = checkpoint / HF_MODEL_DIR
     if stage.model is not None and not (model_dir / "config.json").is_file():
         return None
