@@ -162,3 +162,30 @@ def test_an_unwritable_out_is_refused_before_any_work(command, tmp_path, capsys,
     args = [a.replace("RUN", str(tmp_path)) for a in command] + ["--out", str(blocker / "out")]
     code, line = run_cli(args, capsys)
     assert code == 2 and line.startswith("kdshield: error:") and "cannot be written" in line, line
+
+
+def test_a_preset_supplies_searched_settings_that_config_and_set_override(monkeypatch, tmp_path, capsys):
+    """``--preset searched`` gives RobustKD the settings its search found (the packaged YAML, with
+    the cells that justify it); ``--set`` still wins; an unknown preset is one line naming the
+    packaged ones."""
+    import kdshield.trainables.defend as defend_mod
+    from kdshield import defenses
+
+    seen = {}
+
+    def fake_run(job):
+        seen["params"] = job.params
+        raise SystemExit(0)
+
+    monkeypatch.setattr(defend_mod, "run_defend", fake_run)
+    assert defenses.presets("robustkd") == ["searched"]
+    searched = defenses.preset("robustkd", "searched")
+    assert searched["distill_epochs"] == 23 and searched["m"] == 0.2
+    defenses.get("robustkd").parse(searched)  # every preset setting is a valid RobustKD setting
+    with pytest.raises(SystemExit):
+        main(["defend", "--method", "robustkd", "--run", "r", "--preset", "searched", "--set", "m=0.1",
+              "--out", str(tmp_path / "o")])
+    assert seen["params"] == {**searched, "m": 0.1}
+    assert main(["defend", "--method", "nad", "--run", "r", "--preset", "searched", "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kdshield: error: --preset searched: nad has no such preset (packaged: none)"]

@@ -124,6 +124,8 @@ def cmd_defend(args: argparse.Namespace) -> int:
            "out", "overwrite", "teacher_outputs"]
     values = load_yaml(args.config) if args.config else {}
     params = dict(values.pop("params", {}) or {})
+    if args.preset:  # the preset's settings first: the config's and --set win over them
+        params = {**defenses.preset(args.method or values.get("method"), args.preset), **params}
     params.update({k: values.pop(k) for k in list(values) if k not in top and k != "scaling"})
     flags = _picked(args, top)
     scaling = _picked(args, SCALING_FLAGS)
@@ -279,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     defend.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="a method setting, e.g. alpha=0.3, target_frr=0.05 (repeatable)")
     defend.add_argument("--config", help="YAML job file (method, params, scaling); flags override it")
+    defend.add_argument("--preset", help="named settings packaged with the method, found by a search "
+                                         "(robustkd: searched); --config params and --set override them")
     defend.add_argument("--out", required=True)
     defend.add_argument("--overwrite", action="store_true", default=None)
     _add_scaling(defend)

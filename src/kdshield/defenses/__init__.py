@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from kdshield.defenses.base import DefenseSpec, registered
 from kdshield.errors import InputError
 
-__all__ = ["DefenseSpec", "get", "names", "specs"]
+__all__ = ["DefenseSpec", "get", "names", "preset", "presets", "specs"]
 
 
 def _discover() -> None:
@@ -42,3 +46,24 @@ def get(name: str) -> DefenseSpec:
     if name not in known:
         raise InputError(f"unknown defense {name!r} (known: {', '.join(known)})")
     return known[name]
+
+
+def _preset_dir(name: str) -> Path:
+    """``presets/`` in the folder of the defense that registered method ``name``."""
+    package = get(name).config.__module__.rsplit(".", 1)[0]
+    return Path(importlib.import_module(package).__file__).parent / "presets"
+
+
+def presets(name: str) -> list[str]:
+    """The named settings packaged for method ``name`` (``<defense folder>/presets/<preset>.yaml``)."""
+    folder = _preset_dir(name)
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def preset(name: str, which: str) -> dict[str, Any]:
+    """The settings of preset ``which`` of method ``name``; an unknown one is one InputError line."""
+    path = _preset_dir(name) / f"{which}.yaml"
+    if not path.is_file():
+        known = presets(name)
+        raise InputError(f"--preset {which}: {name} has no such preset (packaged: {', '.join(known) or 'none'})")
+    return dict(yaml.safe_load(path.read_text())["params"])
