@@ -42,12 +42,17 @@ SMOKE = {
 # clean data (the RUN's dev split, 10%, plus corpus rows the victim never saw; _cells.defender_clean).
 VARIANTS = {"robustkd-m0.1": ("robustkd", {"m": 0.1}),
             "robustkd-lf": ("robustkd", {"mask_ce_weight": 0.0}),
-            "mbtsad-clean20": ("mbtsad", {"clean_share": 0.2})}
+            "mbtsad-clean20": ("mbtsad", {"clean_share": 0.2}),
+            # the paper trains its student from scratch; kdshield's default copies the teacher's kept blocks
+            "robustkd-scratch": ("robustkd", {"student_init": "random"}),
+            "robustkd-scratch-30ep": ("robustkd", {"student_init": "random", "distill_epochs": 30})}
 FAMILY = {"ts-ft": "mbtsad", "mbtsad": "mbtsad", "robustkd": "robustkd", "feature-kd": "robustkd",
           **{k: v[0] for k, v in VARIANTS.items()}}
 LABELS = {"none": "No defense", "ts-ft": "TS-FT", "mbtsad": "MBTSAD", "robustkd": "RobustKD",
           "feature-kd": "plain feature KD", "robustkd-m0.1": "RobustKD, m 0.1 (the paper's best)",
-          "robustkd-lf": "RobustKD, mask loss Var only (no CE)", "mbtsad-clean20": "MBTSAD, 20% clean data (the paper's)"}
+          "robustkd-lf": "RobustKD, mask loss Var only (no CE)", "mbtsad-clean20": "MBTSAD, 20% clean data (the paper's)",
+          "robustkd-scratch": "RobustKD, student from scratch (the paper's)",
+          "robustkd-scratch-30ep": "RobustKD, student from scratch, 30 distillation epochs"}
 
 
 def _stages(m: dict) -> tuple[str, str]:

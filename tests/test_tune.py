@@ -686,7 +686,7 @@ def test_canary_scores_and_scheduler_metric_follow_the_objective():
     assert est["canary_score"] == pytest.approx(55.0) and est["canary_asr"] == pytest.approx(25.0)
     assert est["defender_score"] == pytest.approx(30.0)
     assert "canary_score" not in from_eval_metrics({"eval/val/acc": 0.8})
-    assert [canary_target(2, 1), canary_target(2, 0), canary_target(5, 3)] == [0, 1, 0]
+    assert [canary_target(1), canary_target(0), canary_target(3)] == [0, 1, 0]
     job = {"method": "bedkd", "run": "r", "out": "o"}
     assert TuneJob(**job, objective="canary").scheduler_metric() == "canary_score"
     assert TuneJob(**job).scheduler_metric() == "defender_score"

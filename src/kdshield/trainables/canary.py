@@ -47,7 +47,7 @@ CANARY_TRIGGERS = ("zx", "vq", "jk")
 COLUMNS = ("text", "label", "source_index", "poisoned")
 
 
-def canary_target(num_labels: int, suspected_target: int) -> int:
+def canary_target(suspected_target: int) -> int:
     """The canary's target: the first label that is not the suspected backdoor target."""
     return 1 if suspected_target == 0 else 0
 
@@ -66,7 +66,7 @@ def plant_canary(model_dir: str, *, train: pa.Table, clean: pa.Table, val: pa.Ta
     """Fine-tune the suspect model with the canary into ``out/model`` and write ``out/train.parquet``
     (the suspect's training set plus the canary rows). Returns what was planted and the canary's
     evaluation rows (``val`` rows not of its target, trigger inserted, labelled with its target)."""
-    target = canary_target(num_labels, suspected_target)
+    target = canary_target(suspected_target)
     spec = AttackSpec(kind="badnet", triggers=list(CANARY_TRIGGERS), mode="dirty", poison_rate=rate,
                       target_label=target, seed=seed)
     spec.validate(num_labels)
