@@ -189,3 +189,18 @@ def test_a_preset_supplies_searched_settings_that_config_and_set_override(monkey
     assert main(["defend", "--method", "nad", "--run", "r", "--preset", "searched", "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["kdshield: error: --preset searched: nad has no such preset (packaged: none)"]
+
+
+def test_set_values_are_yaml_with_exponent_floats_and_bad_yaml_is_one_line(tmp_path):
+    """``--set lr=3e-5`` is the float a user means (YAML 1.1 alone reads it as a string), in
+    config files and search spaces too; a value that is not YAML is refused with one line."""
+    from kdshield.config import load_yaml, parse_assignments
+    from kdshield.errors import InputError
+
+    assert parse_assignments(["lr=3e-5", "a=1.5E+2", "n=7", "name=3e", "t=null"]) == \
+        {"lr": 3e-5, "a": 150.0, "n": 7, "name": "3e", "t": None}
+    config = tmp_path / "job.yaml"
+    config.write_text("params:\n  lr: 1e-4\n")
+    assert load_yaml(config) == {"params": {"lr": 1e-4}}
+    with pytest.raises(InputError, match=r"^--set 'a=\[1': not a YAML value"):
+        parse_assignments(["a=[1"])

@@ -8,6 +8,7 @@ end up in these pydantic models, whose validation errors are turned into one-lin
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -96,14 +97,31 @@ def parse_settings(model: type[M], values: dict[str, Any], *, source: str) -> M:
         raise InputError(_format_error(source, err)) from None
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that ``3e-5`` is a float (as in YAML 1.2 and Python), not the
+    string YAML 1.1 makes of an exponent without a decimal point."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
+
+
+def read_yaml(text: str) -> Any:
+    """``text`` parsed as YAML by :class:`_Loader` (safe: plain data only)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_assignments(pairs: list[str] | None) -> dict[str, Any]:
-    """``["alpha=0.3", "epochs=2"]`` -> ``{"alpha": 0.3, "epochs": 2}`` (values parsed as YAML)."""
+    """``["alpha=0.3", "lr=3e-5"]`` -> ``{"alpha": 0.3, "lr": 3e-05}`` (values parsed as YAML)."""
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
         if not sep or not key.strip():
             raise InputError(f"--set {pair!r}: expected key=value")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            out[key.strip()] = read_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise InputError(f"--set {pair!r}: not a YAML value ({str(err).splitlines()[0]})") from None
     return out
 
 
@@ -113,7 +131,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise InputError(f"{p}: no such config file")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = read_yaml(p.read_text())
     except yaml.YAMLError as err:
         raise InputError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
     if data is None:

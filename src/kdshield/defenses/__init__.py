@@ -16,8 +16,7 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from kdshield.config import read_yaml
 from kdshield.defenses.base import DefenseSpec, registered
 from kdshield.errors import InputError
 
@@ -66,4 +65,4 @@ def preset(name: str, which: str) -> dict[str, Any]:
     if not path.is_file():
         known = presets(name)
         raise InputError(f"--preset {which}: {name} has no such preset (packaged: {', '.join(known) or 'none'})")
-    return dict(yaml.safe_load(path.read_text())["params"])
+    return dict(read_yaml(path.read_text())["params"])

@@ -36,7 +36,7 @@ from typing import Any
 import yaml
 
 from kdshield import defenses
-from kdshield.config import parse_settings
+from kdshield.config import parse_settings, read_yaml
 from kdshield.defenses.base import DefenseSpec
 from kdshield.errors import InputError
 
@@ -207,7 +207,7 @@ def load_space(method: str, path: str | Path | None = None, *, fixed: dict[str, 
     if not file.is_file():
         raise InputError(f"{source}: no such search-space file")
     try:
-        data = yaml.safe_load(file.read_text())
+        data = read_yaml(file.read_text())
     except yaml.YAMLError as err:
         raise InputError(f"{source}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
