@@ -55,8 +55,9 @@ BUDGETS = {
     "nad": {"teacher_epochs": 5, "teacher_lr": 3e-5, "evaluate_teacher": False, "batch_size": 16, "max_length": 64},
     "robustkd": {"mask_epochs": 40, "batch_size": 32, "max_length": 64},
     "mbtsad": {"copies": 3, "retrain_epochs": 3, "batch_size": 16, "max_length": 64},
-    "w2s": {"teacher_epochs": 3, "batch_size": 8, "max_length": 64},
 }
+# W2SDefense is not here yet: its development cell is a SmolLM2-135M RUN (benchmarks/w2s.py), which
+# _cells.cell (MiniLM) does not build; searching it on the MiniLM cell would measure nothing of it.
 SUMMARY_KEYS = ("trials", "objective", "objective_rank_agreement", "default", "best", "best_in_hindsight",
                 "unseen_cell")
 SCALING = {"workers": 1, "cpus_per_worker": 2}  # the default and unseen-cell runs: one job alone
@@ -160,6 +161,7 @@ def main() -> None:
         t0 = time.perf_counter()
         best_dev = outcome(defend(args.method, runs["dev"], work / "best-dev", best["params"], clean_train))
         seconds["best_dev"] = time.perf_counter() - t0
+    # from the trials' own truth (with --objective canary: the canaried suspect's, as the trials defended it)
     ok = [r for r in rows if r["cacc"] >= default_dev["cacc"] - 2.0] or rows
     hindsight = min(ok, key=lambda r: r["asr"])
     unseen = {}

@@ -105,8 +105,9 @@ def verify_manifest(directory: Path) -> None:
             raise CheckpointRefused(f"{manifest}: unreadable checkpoint manifest; refusing to resume") from None
     present = {str(p.relative_to(directory)) for p in directory.rglob("*")
                if p.is_file() and not p.name.startswith(MANIFEST_PREFIX)}
-    for name in sorted(present - set(listed)):
-        raise CheckpointRefused(f"{directory / name}: a file no manifest lists (not written by kdshield); "
+    foreign = sorted(present - set(listed))
+    if foreign:
+        raise CheckpointRefused(f"{directory / foreign[0]}: a file no manifest lists (not written by kdshield); "
                                 "refusing to resume from this checkpoint")
     for name, digest in sorted(listed.items()):
         if name not in present:
@@ -449,7 +450,7 @@ def _resume(w: _Worker, resume_from: str | None) -> tuple[int, list[dict[str, An
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as ckpt_dir:
-        verify_manifest(Path(ckpt_dir))  # before anything is unpickled
+        verify_manifest(Path(ckpt_dir))  # before anything is unpickled (also a checkpoint Ray Train restores)
         w.engine.load_checkpoint(ckpt_dir, tag=DS_TAG, load_module_strict=not w.lora)
         state = json.loads(Path(ckpt_dir, STATE_FILE).read_text())
     if w.rank == 0:

@@ -85,6 +85,9 @@ class StageRuns:
         else:
             latest = self._latest_checkpoint(run_dir)
         if latest is not None:
+            # checked here, in the job's process, so a tampered checkpoint is one line and no
+            # worker group is started (and retried) only to refuse it
+            verify_manifest(run_dir / latest)
             finished = finished_result(run_dir / latest, stage)
             if finished is not None:
                 self._record(name, "finished", latest)
@@ -131,7 +134,6 @@ def finished_result(checkpoint: Path, stage):
         return None
     if (checkpoint / DS_TAG).exists() or state.get("epoch") != stage.train.epochs:
         return None
-    verify_manifest(checkpoint)  # its model is used as trained: only the files the stage wrote
     model_dir = checkpoint / HF_MODEL_DIR
     if stage.model is not None and not (model_dir / "config.json").is_file():
         return None
