@@ -155,6 +155,30 @@ def test_overwrite_replaces_only_a_directory_kdshield_wrote(files, tmp_path, cap
     assert (foreign / "thesis.tex").read_text() == "years of work"
 
 
+def test_a_dead_jobs_staging_directories_are_swept_and_a_live_ones_kept(tmp_path):
+    """A job killed by SIGKILL cannot remove its ``.NAME.partial-HOST-PID``: the next job to stage
+    beside it does, unless that process still runs or lives on another host (a shared disk)."""
+    import socket
+    import subprocess
+    import sys
+
+    from kdshield.outputs import staged
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid that no longer runs
+    host = socket.gethostname()
+    out = tmp_path / "out"
+    dead = [tmp_path / f".out.partial-{host}-{gone.pid}", tmp_path / f".out.old-{host}-{gone.pid}"]
+    kept = [tmp_path / f".out.partial-{host}-1",  # pid 1 always runs
+            tmp_path / f".out.partial-elsewhere-{gone.pid}", tmp_path / f".other.partial-{host}-{gone.pid}"]
+    for d in dead + kept:
+        (d / "model").mkdir(parents=True)
+    with staged(out) as work:
+        (work / "metrics.json").write_text("{}")
+    assert (out / "metrics.json").is_file() and (out / ".kdshield").is_file()
+    assert not any(d.exists() for d in dead) and all(d.exists() for d in kept)
+
+
 @pytest.mark.parametrize("command", [["demo"], ["defend", "--method", "ft", "--run", "RUN"]])
 def test_an_unwritable_out_is_refused_before_any_work(command, tmp_path, capsys, no_ray):
     blocker = tmp_path / "file"

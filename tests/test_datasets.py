@@ -486,6 +486,38 @@ def test_build_corpus(corpora, name, rows, num_labels):
         assert label_names("r8") == sorted(label_names("r8"))
 
 
+def test_data_build_publishes_whole_and_never_replaces_foreign_files(corpora, tmp_path, monkeypatch):
+    """``data build`` stages its directory: a build that fails halfway leaves the last good one as
+    it was, and a directory of someone else's files is refused, not replaced."""
+    import kdshield.datasets.corpora as corpora_mod
+
+    out = tmp_path / "rt"
+    build_corpus("rotten-tomatoes", out, seed=0)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = corpora_mod.write_table
+
+    def fail_on_test(table, path):
+        if Path(path).name == "test.parquet":
+            raise OSError("disk full")
+        return real(table, path)
+
+    monkeypatch.setattr(corpora_mod, "write_table", fail_on_test)
+    with pytest.raises(OSError, match="disk full"):
+        build_corpus("rotten-tomatoes", out, seed=1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["rt"]  # no staging left behind
+    monkeypatch.setattr(corpora_mod, "write_table", real)
+    build_corpus("rotten-tomatoes", out, seed=1)  # its own directory: replaced
+    assert (out / "train.parquet").read_bytes() != before["train.parquet"]
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match="not a directory kdshield wrote"):
+        build_corpus("rotten-tomatoes", foreign, seed=0)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+
 def test_build_corpus_is_deterministic_and_offline_once_cached(corpora, tmp_path, monkeypatch):
     def offline(pkg):
         raise AssertionError(f"fetched {pkg.name} although the corpus is cached")

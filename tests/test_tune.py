@@ -308,16 +308,17 @@ def test_search_killed_and_resumed_shares_the_dmm_and_reports(tiny_run, tmp_path
     # report: tables, plots, and a best configuration that `defend --config` re-runs to the same result
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
+    report = out / "report"
     for name in ("trials.md", "trials.csv", "pareto.png", "importance.png", "report.json", "best.yaml"):
-        assert (out / name).is_file(), name
-    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
-    table = (out / "trials.md").read_text()
+        assert (report / name).is_file(), name
+    assert (report / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    table = (report / "trials.md").read_text()
     assert all(trial_id in table for trial_id in after)
-    best = yaml.safe_load((out / "best.yaml").read_text())
+    best = yaml.safe_load((report / "best.yaml").read_text())
     top = max(r["report"]["defender_score"] for r in after.values())  # ties: the random tiny model often scores 50
     best_id = next(t for t in after if after[t]["params"] == best["params"])
     assert after[best_id]["report"]["defender_score"] == top
-    assert main(["defend", "--config", str(out / "best.yaml"), "--out", str(tmp_path / "again")]) == 0
+    assert main(["defend", "--config", str(report / "best.yaml"), "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again["cacc"] == pytest.approx(after[best_id]["report"]["cacc"])
     assert again["asr"] == pytest.approx(after[best_id]["report"]["asr"])
@@ -368,9 +369,9 @@ def test_a_robustkd_search_shares_its_mask_stage_and_reports_every_distillation_
 
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
-    best = yaml.safe_load((out / "best.yaml").read_text())
+    best = yaml.safe_load((out / "report" / "best.yaml").read_text())
     best_id = next(t for t in results if results[t]["params"] == best["params"])
-    assert main(["defend", "--config", str(out / "best.yaml"), "--out", str(tmp_path / "again")]) == 0
+    assert main(["defend", "--config", str(out / "report" / "best.yaml"), "--out", str(tmp_path / "again")]) == 0
     again = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert again["cacc"] == pytest.approx(results[best_id]["report"]["cacc"])
     ran = json.loads((out / "trials" / best_id / "defend" / "metrics.json").read_text())["history"]

@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="tables and plots of finished searches")
     report.add_argument("dirs", nargs="+", metavar="DIR", help="OUT directories of `kdshield tune`")
-    report.add_argument("--out", help="where to write (default: the first DIR)")
+    report.add_argument("--out", help="where to write (default: report/ in the first DIR)")
     report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="the whole story, small and local")

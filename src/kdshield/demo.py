@@ -16,7 +16,7 @@ import kdshield
 from kdshield import defenses
 from kdshield.datasets import build_corpus, read_table, write_table
 from kdshield.evaluation import markdown_table
-from kdshield.trainables.runs import check_writable, say
+from kdshield.outputs import check_writable, say
 
 DEMO_TRAIN_ROWS = 1600
 DEMO_TEST_ROWS = 500

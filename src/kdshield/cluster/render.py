@@ -24,6 +24,7 @@ import yaml
 
 from kdshield.config import redact_url
 from kdshield.errors import InputError
+from kdshield.outputs import write_atomic
 
 _RAY_VERSION = "2.60.0"
 _KDSHIELD_VERSION = "0.1.0"
@@ -196,5 +197,4 @@ def render_to_file(kind: str, out: str | Path, overrides: dict[str, Any] | None 
     header = [_PLACEHOLDER.sub(lambda m: str(values.get(m.group(1), m.group(0))), line)
               for line in template_text(kind).splitlines() if line.startswith("#")]
     body = yaml.safe_dump(config, sort_keys=False, width=100)
-    out.write_text("\n".join(header) + "\n" + body)
-    return out
+    return write_atomic(out, "\n".join(header) + "\n" + body)

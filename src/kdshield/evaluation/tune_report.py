@@ -2,7 +2,8 @@
 
 For every trial of every search directory (``kdshield tune --out``): its sampled parameters,
 status (``finished``; ``stopped``: ended early by ASHA or by a crash, with its last per-epoch
-estimates from the Optuna study) and metrics. Written next to each other:
+estimates from the Optuna study) and metrics. Written into ``report/`` of the first search
+directory (or ``--out``), built beside it and published whole:
 
 - ``trials.md`` / ``trials.csv``: all trials;
 - ``pareto.png``: ASR against CACC of the finished trials, the non-dominated ones joined;
@@ -28,6 +29,7 @@ import yaml
 
 from kdshield.errors import InputError
 from kdshield.evaluation.objectives import OBJECTIVES, SCALAR_MODES
+from kdshield.outputs import check_replaceable, check_writable, staged
 
 METRICS = ("cacc", "asr", "defender_score", "canary_score", "canary_asr", "far", "frr", "trial_seconds")
 SCORES = {"defender_score": "the defender score", "canary_score": "the canary score"}  # trigger-free objectives
@@ -203,15 +205,23 @@ def _defend_yaml(search: dict[str, Any], row: dict[str, Any], path: Path) -> Non
 
 
 def write_report(dirs: list[str], out: str | None = None) -> dict[str, Any]:
-    """Write the report of the searches in ``dirs`` into ``out`` (default: the first dir)."""
+    """Write the report of the searches in ``dirs`` into ``out`` (default: ``report`` in the first
+    dir), built beside it and published whole; returns the published paths."""
     searches = []
     for d in dirs:
         p = Path(d)
         if not p.is_dir():
             raise InputError(f"{p}: no such search directory")
         searches.append(_load(p))
-    dest = Path(out) if out else Path(dirs[0])
-    dest.mkdir(parents=True, exist_ok=True)
+    final = Path(out) if out else Path(dirs[0]) / "report"
+    check_replaceable(final, what="report replaces")
+    check_writable(final)
+    with staged(final) as dest:
+        written = _write(searches, dest)
+    return {k: (final / v.name if isinstance(v, Path) else v) for k, v in written.items()}
+
+
+def _write(searches: list[dict[str, Any]], dest: Path) -> dict[str, Any]:
     rows = [r for s in searches for r in _rows(s)]
     params = sorted({k for r in rows for k in r["params"]})
     columns = ["search", "trial", "method", "status", *params, *METRICS, "stage_cache_hits"]
@@ -257,7 +267,7 @@ def write_report(dirs: list[str], out: str | None = None) -> dict[str, Any]:
     (dest / "trials.md").write_text(markdown)
     report = {"trials": rows, "spearman_defender_vs_asr": rhos["defender_score"],
               "spearman_canary_vs_asr": rhos["canary_score"], "pareto": [r["trial"] for r in front],
-              "importances": importances, "best": [str(p) for p in best_files]}
+              "importances": importances, "best": [p.name for p in best_files]}
     (dest / "report.json").write_text(json.dumps(report, indent=2, default=str, sort_keys=True) + "\n")
     return {"markdown_text": markdown, "markdown": dest / "trials.md", "csv": dest / "trials.csv",
             "pareto": dest / "pareto.png", "importance": dest / "importance.png", "json": dest / "report.json",

@@ -43,7 +43,7 @@ from kdshield.errors import InputError
 from kdshield.models import check_safe_weights, load_tokenizer, resolve_model
 from kdshield.trainables.engine import copy_model, run_stage, trains_in_process
 from kdshield.trainables.inference import LocalScorer, evaluate
-from kdshield.trainables.runs import check_out_dir, say, staged, write_json
+from kdshield.outputs import check_out_dir, say, staged, write_json
 
 
 class AttackJob(_Settings):

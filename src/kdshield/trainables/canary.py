@@ -40,7 +40,7 @@ from kdshield.defenses.stage import ModelSpec, Phase, Stage
 from kdshield.models import load_tokenizer
 from kdshield.trainables.attack import tokenized_stream
 from kdshield.trainables.engine import copy_model, run_stage
-from kdshield.trainables.runs import say
+from kdshield.outputs import say
 
 #: Rare words no packaged attack inserts (BadNet's defaults are cf, mn, bb, tq, mb).
 CANARY_TRIGGERS = ("zx", "vq", "jk")

@@ -31,7 +31,7 @@ from kdshield.trainables.attack import tokenized_stream
 from kdshield.trainables.engine import run_stage, trains_in_process
 from kdshield.trainables.hooks import DefenseHooks
 from kdshield.trainables.inference import LocalScorer, evaluate, predict, stream_columns
-from kdshield.trainables.runs import say
+from kdshield.outputs import say
 
 
 class JobContext:

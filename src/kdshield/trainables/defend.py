@@ -30,7 +30,7 @@ from kdshield.models import check_safe_weights, head_problem, resolve_model
 from kdshield.models.loading import HEAD_INIT_SEED
 from kdshield.trainables.context import JobContext
 from kdshield.trainables.engine import copy_model, trains_in_process
-from kdshield.trainables.runs import check_out_dir, say, staged, write_json
+from kdshield.outputs import check_out_dir, say, staged, write_json
 
 
 class DefendJob(_Settings):

@@ -42,7 +42,7 @@ from kdshield.trainables.context import JobContext
 from kdshield.trainables.defend import resolve_inputs
 from kdshield.trainables.hooks import DefenseHooks
 from kdshield.trainables.inference import LocalScorer, predict_logits
-from kdshield.trainables.runs import say, write_json
+from kdshield.outputs import say, write_json
 
 VAL, FLAGGED, TRIGGERED, CANARY = "val", "flagged", "triggered", "canary"
 CANARY_DIR = "canary"  # in the probe's directory: the canaried model and its training set

@@ -48,7 +48,7 @@ from kdshield.trainables.engine import (
     trains_in_process,
     verify_manifest,
 )
-from kdshield.trainables.runs import say
+from kdshield.outputs import say
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train V2's record of a run's checkpoints
 

@@ -70,7 +70,7 @@ from kdshield.trainables.durable_search import DurableOptunaSearch
 from kdshield.trainables.engine import trains_in_process
 from kdshield.trainables.hooks import DefenseHooks
 from kdshield.trainables.objective import CANARY_DIR, build_probe, eval_tables, final_scores, from_eval_metrics
-from kdshield.trainables.runs import say, write_json
+from kdshield.outputs import say, write_json
 from kdshield.trainables.stage_cache import StageCache, read_events
 from kdshield.trainables.stage_runs import StageRuns
 

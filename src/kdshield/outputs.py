@@ -1,11 +1,13 @@
-"""Output directories of jobs: refuse to clobber another run, write atomically, record results."""
+"""Output directories: refuse to clobber what kdshield did not write, stage and publish atomically, record results."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,10 +43,19 @@ def check_out_dir(out: Path, *, record: str, config: dict[str, Any], overwrite: 
             return True
     if not overwrite:
         raise InputError(f"{out}: already holds a different run; choose another --out or pass --overwrite")
-    if not (out / MARKER).is_file():
-        raise InputError(f"{out}: not a directory kdshield wrote (no {MARKER} marker); --overwrite replaces only "
-                         "those: choose another --out")
+    check_replaceable(out, what="--overwrite replaces")
     return False
+
+
+def check_replaceable(out: Path, *, what: str = "kdshield replaces") -> None:
+    """``out`` is new, empty, or a directory kdshield published (its marker file): replacing it
+    loses nothing kdshield did not write."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise InputError(f"{out}: not a directory kdshield wrote (no {MARKER} marker); {what} only those: "
+                         "choose another --out")
 
 
 def check_writable(out: Path) -> None:
@@ -60,9 +71,42 @@ def check_writable(out: Path) -> None:
         raise InputError(f"{out}: cannot be written ({parent}: {err.strerror or err})") from None
 
 
+def _sibling(out: Path, kind: str) -> Path:
+    """``.NAME.KIND-HOST-PID`` next to ``out``: whose it is, so that a later job can tell a dead
+    process's leftovers from a running job's (on this host; other hosts' are never touched)."""
+    return out.parent / f".{out.name}.{kind}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_dead_stages(out: Path) -> list[Path]:
+    """Remove ``out``'s staging and replaced directories left by processes of this host that no
+    longer run (a job killed by SIGKILL or a power cut cannot clean up after itself)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:partial|old)-(?P<host>.+)-(?P<pid>\d+)")
+    host, removed = socket.gethostname(), []
+    if not out.parent.is_dir():
+        return removed
+    for path in out.parent.iterdir():
+        m = pattern.fullmatch(path.name)
+        if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def staging_dir(out: Path) -> Path:
-    """A fresh sibling directory to build ``out`` in, so a failed job never touches ``out``."""
-    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
+    """A fresh sibling directory to build ``out`` in, so a failed job never touches ``out``
+    (dead processes' leftovers beside it are removed first)."""
+    sweep_dead_stages(out)
+    stage = _sibling(out, "partial")
     if stage.exists():
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
@@ -72,7 +116,7 @@ def staging_dir(out: Path) -> Path:
 def publish(stage: Path, out: Path) -> None:
     """Move the finished ``stage`` into place at ``out`` (the old ``out`` goes only now)."""
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = _sibling(out, "old")
         out.rename(old)
         stage.rename(out)
         shutil.rmtree(old, ignore_errors=True)
@@ -93,8 +137,24 @@ def staged(out: Path):
     publish(work, out)
 
 
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling: readers see the old file or the new one."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def say(msg: str) -> None:
