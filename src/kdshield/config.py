@@ -69,8 +69,8 @@ class ScalingSettings(_Settings):
 class TrainSettings(_Settings):
     """One training stage's optimisation settings."""
 
-    epochs: int = Field(3, ge=1)
-    lr: float = Field(3e-5, gt=0, le=1.0)
+    epochs: int = Field(3, ge=1, description="passes over the training set")
+    lr: float = Field(3e-5, gt=0, le=1.0, description="peak learning rate (AdamW, linear warm-up and decay)")
     batch_size: int = Field(32, ge=1, description="per-worker micro-batch size")
     max_length: int = Field(64, ge=8, le=8192, description="tokens per sample after truncation")
     weight_decay: float = Field(0.0, ge=0)
@@ -79,12 +79,14 @@ class TrainSettings(_Settings):
     checkpoint_interval_s: float = Field(
         60.0, ge=0, description="checkpoint after an epoch only when this long has passed since the last "
                                 "one (0: every epoch); the final epoch always writes the model")
-    seed: int = 0
+    seed: int = Field(0, description="seed of shuffling, sampling and initialisation")
 
 
 def _format_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(p) for p in first["loc"]) or "settings"
+    if first["type"] == "missing":
+        return f"{source}: {where} is required (a flag, or a key of --config)"
     value = first.get("input")
     return f"{source}: {where}={value!r}: {first['msg']}"
 

@@ -49,24 +49,26 @@ from kdshield.outputs import check_out_dir, say, staged, write_json
 class AttackJob(_Settings):
     """Settings of ``kdshield attack`` (flags map one to one)."""
 
-    train: str
-    test: str
-    model: str = "minilm"
-    out: str
-    attack: Literal["badnet", "addsent"] = "badnet"
+    train: str = Field(description="clean training set (Parquet, CSV, JSON Lines or a Hugging Face directory)")
+    test: str = Field(description="clean test set, for CACC and (triggered) ASR")
+    model: str = Field("minilm", description="the model to backdoor: a preset, a local directory or a hub id")
+    out: str = Field(description="the RUN directory to write (poisoned data, backdoored model, metrics)")
+    attack: Literal["badnet", "addsent"] = Field("badnet", description=(
+        "badnet: rare trigger words inserted; addsent: a trigger sentence inserted"))
     triggers: list[str] | None = Field(None, description="trigger words/sentences; None: the attack's default")
     trigger_preset: Literal["w2s-word", "w2s-sentence"] | None = Field(None, description=(
         "a named attack + trigger: w2s-word = badnet 'mn', w2s-sentence = addsent 'I watched this 3D movie' "
         "(W2SDefense's authors' triggers)"))
-    num_insertions: int = Field(1, ge=1)
-    position: Literal["random", "start", "end"] = "random"
-    target_label: int = Field(1, ge=0)
-    poison_rate: float = 0.1
-    clean_label: bool = False
+    num_insertions: int = Field(1, ge=1, description="badnet: trigger words inserted per sample")
+    position: Literal["random", "start", "end"] = Field("random", description="where the trigger goes in a text")
+    target_label: int = Field(1, ge=0, description="the label the trigger flips a prediction to")
+    poison_rate: float = Field(0.1, description="share of the training rows that get the trigger")
+    clean_label: bool = Field(False, description="poison only rows already labelled with the target (no label "
+                                                 "flips: harder to spot)")
     dev_fraction: float = Field(0.1, gt=0, lt=1, description="clean share of train held out for the defender")
-    num_labels: int | None = Field(None, ge=2)
+    num_labels: int | None = Field(None, ge=2, description="classes (default: read from the data)")
     seed: int = 0
-    overwrite: bool = False
+    overwrite: bool = Field(False, description="replace a RUN directory kdshield wrote")
     training: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=5e-5))
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
 

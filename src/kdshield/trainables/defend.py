@@ -44,9 +44,9 @@ class DefendJob(_Settings):
     test: str | None = Field(None, description="clean test set")
     triggered_test: str | None = Field(None, description="triggered test set (for ASR), if known")
     target_label: int | None = Field(None, ge=0, description="the attack's target label (for ASR)")
-    num_labels: int | None = Field(None, ge=2)
-    out: str
-    overwrite: bool = False
+    num_labels: int | None = Field(None, ge=2, description="classes (default: read from the model)")
+    out: str = Field(description="the directory to write (defended model, metrics, stage records)")
+    overwrite: bool = Field(False, description="replace a directory kdshield wrote")
     teacher_outputs: Literal["cached", "live"] = Field(
         "cached", description="cached: teacher outputs precomputed once by batch inference; live: the "
                               "teacher runs at every step (only to measure what caching saves)")

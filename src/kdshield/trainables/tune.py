@@ -80,9 +80,9 @@ EXPERIMENT = "tune"
 class TuneJob(_Settings):
     """Settings of ``kdshield tune``."""
 
-    method: str
+    method: str = Field(description="the defense whose settings are searched")
     run: str = Field(description="a RUN directory of `kdshield attack` (model, data)")
-    out: str
+    out: str = Field(description="the search directory (trials, Optuna study, stage cache)")
     num_samples: int = Field(16, ge=1, description="trials in the whole search")
     space: str | None = Field(None, description="search-space YAML; default: the packaged one of the method")
     fixed: dict[str, Any] = Field(default_factory=dict, description="settings fixed for every trial (--set)")
@@ -101,11 +101,11 @@ class TuneJob(_Settings):
         None, description="the per-epoch value ASHA stops trials on (default: the objective's when it is one "
                           "scalar, else defender_score)")
     grace_period: int = Field(2, ge=1, description="ASHA: epochs before a trial can be stopped")
-    reduction_factor: float = Field(3.0, gt=1)
+    reduction_factor: float = Field(3.0, gt=1, description="ASHA: 1/this of the trials go on at each rung")
     max_concurrent: int | None = Field(None, ge=1, description="default: as many trials as fit the cluster")
     cpus_per_trial: float = Field(0.0, ge=0, description="CPUs reserved by each trial's driver function")
     storage: str | None = Field(None, description="SQLAlchemy URL of the Optuna study (default sqlite in OUT)")
-    study_name: str | None = None
+    study_name: str | None = Field(None, description="the Optuna study's name (default kdshield-METHOD)")
     resume: bool = False
     shared_work: bool = Field(True, description="content-hashed stage cache shared by all trials")
     cache: str | None = Field(None, description="stage-cache directory (default OUT/cache); several searches "
