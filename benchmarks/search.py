@@ -60,8 +60,13 @@ BUDGETS = {
 # here (720 token-split rows, attention maps of every layer): ASHA judges after one epoch, or 16 trials
 # of up to 10 epochs would not fit the 75 minutes.
 TUNE_ARGS = {"mbtsad": ["--grace-period", "1"]}
-# W2SDefense is not here yet: its development cell is a SmolLM2-135M RUN (benchmarks/w2s.py), which
-# _cells.cell (MiniLM) does not build; searching it on the MiniLM cell would measure nothing of it.
+# W2SDefense's development cell is its own (benchmarks/w2s.py): SmolLM2-135M backdoored with the
+# authors' sentence trigger, dirty-label, 1000 training rows (200 of them the defender's dev split),
+# 400 test rows; its student is a LoRA adapter on the suspect, its teacher a MiniLM trained once
+# (teacher knobs fixed: every trial shares it). The authors' loss weights for a sentence trigger.
+BUDGETS["w2s"] = {"batch_size": 16, "max_length": 64, "teacher_epochs": 5, "teacher_batch_size": 32,
+                  "teacher_lr": 5e-5, "weights": "sentence", "evaluate_teacher": False}
+CELLS = {"w2s": ("rotten-tomatoes/w2s-sentence", "cr/w2s-sentence")}  # others: RT / CR BadNet, MiniLM
 SUMMARY_KEYS = ("trials", "objective", "objective_rank_agreement", "default", "best", "best_in_hindsight",
                 "unseen_cell")
 SCALING = {"workers": 1, "cpus_per_worker": 2}  # the default and unseen-cell runs: one job alone
@@ -104,6 +109,22 @@ def last_epoch_estimates(search: Path) -> list[dict]:
     return rows
 
 
+def build_cell(method: str, spec: str) -> Path:
+    """The RUN of a ``DATASET/ATTACK`` cell: for w2s, SmolLM2 backdoored as benchmarks/w2s.py does it
+    (the same directories, so either script reuses the other's RUNs); else the MiniLM cell."""
+    from _cells import cell, corpus_subset
+
+    dataset, attack = spec.split("/")
+    if method != "w2s":
+        return cell(dataset, attack, train_rows=3000, test_rows=1000, epochs=3)[0]
+    from w2s import ATTACK, attack_run
+
+    work = HERE / "work" / "w2s" / "1000-400"
+    run = work / dataset / f"{attack}-dirty-0.1" / "run"
+    attack_run(corpus_subset(work, dataset, 1000, 400), run, attack, "dirty", 0.1, 0.2, ATTACK)
+    return run
+
+
 def defend(method: str, run: Path, out: Path, params: dict, clean: Path | None = None) -> dict:
     from kdshield.trainables.defend import DefendJob, run_defend
 
@@ -112,15 +133,14 @@ def defend(method: str, run: Path, out: Path, params: dict, clean: Path | None =
 
 
 def main() -> None:
-    from _cells import cell
-
     from kdshield.config import parse_assignments
     from kdshield.evaluation.tune_report import spearman
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", required=True, choices=sorted(BUDGETS))
-    ap.add_argument("--dev", default="rotten-tomatoes/badnet", help="DATASET/ATTACK of the development cell")
-    ap.add_argument("--unseen", default="cr/badnet", help="DATASET/ATTACK of the unseen cell")
+    ap.add_argument("--dev", help="DATASET/ATTACK of the development cell (default rotten-tomatoes/badnet; "
+                                  "w2s: rotten-tomatoes/w2s-sentence)")
+    ap.add_argument("--unseen", help="DATASET/ATTACK of the unseen cell (default cr/badnet; w2s: cr/w2s-sentence)")
     ap.add_argument("--objective", choices=sorted(SCORES), default="defender")
     ap.add_argument("--num-samples", type=int, default=16)
     ap.add_argument("--max-concurrent", type=int, default=2)
@@ -129,6 +149,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(HERE / "work" / "search"))
     args = ap.parse_args()
 
+    cells = CELLS.get(args.method, ("rotten-tomatoes/badnet", "cr/badnet"))
+    args.dev, args.unseen = args.dev or cells[0], args.unseen or cells[1]
     budget = {**BUDGETS[args.method], **parse_assignments(args.set)}
     name = args.method + ("" if args.objective == "defender" else f"-{args.objective}")
     work = Path(args.work) / name
@@ -138,8 +160,7 @@ def main() -> None:
     seconds: dict[str, float] = {}
     runs = {}
     for which, spec in (("dev", args.dev), ("unseen", args.unseen)):
-        dataset, attack = spec.split("/")
-        runs[which], _ = cell(dataset, attack, train_rows=3000, test_rows=1000, epochs=3)
+        runs[which] = build_cell(args.method, spec)
     search = work / "tune"
     command = ["tune", "--method", args.method, "--run", str(runs["dev"]), "--num-samples", str(args.num_samples),
                "--max-concurrent", str(args.max_concurrent), "--objective", args.objective, "--report-asr",
@@ -187,9 +208,12 @@ def main() -> None:
     (dest / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutil.copy2(search / "study.db", dest / "study.db")
     kdshield("report", str(search), "--out", str(dest / "report"))
-    size = {"dev_cell": f"{args.dev}: MiniLM-L6, 3000 training rows (10% poisoned, target 1), 1000 test rows, "
-                        "attack 3 epochs; the defender's clean data is the RUN's dev split (300 rows), 80% of "
-                        "it for training and 20% held out for the objective",
+    size = {"dev_cell": (f"{args.dev}: SmolLM2-135M, 1000 training rows (10% poisoned, dirty-label, target 1), "
+                         "400 test rows, attack 2 epochs; the defender's clean data is the RUN's dev split (200 "
+                         "rows)" if args.method == "w2s" else
+                         f"{args.dev}: MiniLM-L6, 3000 training rows (10% poisoned, target 1), 1000 test rows, "
+                         "attack 3 epochs; the defender's clean data is the RUN's dev split (300 rows)")
+                        + ", 80% of it for training and 20% held out for the objective",
             "budget": budget, "num_samples": args.num_samples, "max_concurrent": args.max_concurrent,
             "machine": f"{os.cpu_count()} CPUs, one thread per trial"}
     record = {"command": " ".join(["python", "benchmarks/search.py", *sys.argv[1:]]),

@@ -516,6 +516,12 @@ def test_data_build_publishes_whole_and_never_replaces_foreign_files(corpora, tm
     with pytest.raises(InputError, match="not a directory kdshield wrote"):
         build_corpus("rotten-tomatoes", foreign, seed=0)
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    older = tmp_path / "older"  # built before outputs carried a marker: only the files data build writes
+    older.mkdir()
+    for name in ("train.parquet", "test.parquet", "corpus.json"):
+        (older / name).write_bytes(before[name])
+    build_corpus("rotten-tomatoes", older, seed=1)
+    assert (older / ".kdshield").is_file()
 
 
 def test_build_corpus_is_deterministic_and_offline_once_cached(corpora, tmp_path, monkeypatch):

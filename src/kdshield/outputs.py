@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import re
@@ -47,13 +48,15 @@ def check_out_dir(out: Path, *, record: str, config: dict[str, Any], overwrite: 
     return False
 
 
-def check_replaceable(out: Path, *, what: str = "kdshield replaces") -> None:
-    """``out`` is new, empty, or a directory kdshield published (its marker file): replacing it
-    loses nothing kdshield did not write."""
+def check_replaceable(out: Path, *, what: str = "kdshield replaces", own: tuple[str, ...] = ()) -> None:
+    """``out`` is new, empty, a directory kdshield published (its marker file), or holds only files
+    matching the patterns ``own`` (what the command itself writes: an output of a version before the marker):
+    replacing it loses nothing kdshield did not write."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+    if (out.is_dir() and not (out / MARKER).is_file()
+            and not all(any(fnmatch.fnmatchcase(p.name, pattern) for pattern in own) for p in out.iterdir())):
         raise InputError(f"{out}: not a directory kdshield wrote (no {MARKER} marker); {what} only those: "
                          "choose another --out")
 

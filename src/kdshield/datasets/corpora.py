@@ -255,7 +255,7 @@ def build_corpus(name: str, out_dir: str | os.PathLike, *, seed: int = 0,
         train, test = table.take(train_idx), table.take(test_idx)
         how = f"seeded stratified, test_fraction={test_fraction}"
     out = Path(out_dir)
-    check_replaceable(out, what="data build replaces")
+    check_replaceable(out, what="data build replaces", own=("train.parquet", "test.parquet", "corpus.json"))
     check_writable(out)
     counts = {}
     with staged(out) as work:

@@ -204,6 +204,9 @@ def _defend_yaml(search: dict[str, Any], row: dict[str, Any], path: Path) -> Non
     path.write_text(text + yaml.safe_dump(doc, sort_keys=False))
 
 
+REPORT_FILES = ("trials.md", "trials.csv", "pareto.png", "importance.png", "report.json", "*.yaml")
+
+
 def write_report(dirs: list[str], out: str | None = None) -> dict[str, Any]:
     """Write the report of the searches in ``dirs`` into ``out`` (default: ``report`` in the first
     dir), built beside it and published whole; returns the published paths."""
@@ -214,7 +217,7 @@ def write_report(dirs: list[str], out: str | None = None) -> dict[str, Any]:
             raise InputError(f"{p}: no such search directory")
         searches.append(_load(p))
     final = Path(out) if out else Path(dirs[0]) / "report"
-    check_replaceable(final, what="report replaces")
+    check_replaceable(final, what="report replaces", own=REPORT_FILES)
     check_writable(final)
     with staged(final) as dest:
         written = _write(searches, dest)
