@@ -276,3 +276,47 @@ def test_set_values_are_yaml_with_exponent_floats_and_bad_yaml_is_one_line(tmp_p
     assert load_yaml(config) == {"params": {"lr": 1e-4}}
     with pytest.raises(InputError, match=r"^--set 'a=\[1': not a YAML value"):
         parse_assignments(["a=[1"])
+
+
+def test_quiet_by_default_and_verbose_on_request(monkeypatch, capsys):
+    """By default: Ray's notices that need no action are filtered, model loads draw no bar, and a
+    search prints one line per trial with the search so far; ``--verbose`` (before or after the
+    command) turns every library's own output back on."""
+    import logging
+    from types import SimpleNamespace
+
+    import transformers
+
+    import kdshield.models.loading  # noqa: F401 - importing it is what turns the load bar off
+    from kdshield.cluster.connect import _Harmless
+    from kdshield.outputs import VERBOSE_ENV, verbose
+    from kdshield.trainables.tune import TuneJob, _progress
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    assert not verbose() and not transformers.utils.logging.is_progress_bar_enabled()
+    notice = logging.LogRecord("ray", logging.WARNING, "", 0, "Token authentication is enabled for this Ray "
+                               "cluster. Set RAY_AUTH_MODE=disabled to opt out.", None, None)
+    failure = logging.LogRecord("ray", logging.WARNING, "", 0, "Token authentication is enabled but the "
+                                "authentication token is invalid or incorrect.", None, None)
+    assert not _Harmless().filter(notice) and _Harmless().filter(failure)
+
+    progress = _progress(TuneJob(method="bedkd", run="r", out="o", num_samples=3), completed=0)
+    trial = lambda i, result, status="TERMINATED": SimpleNamespace(  # noqa: E731
+        trial_id=i, last_result=result, status=status, config={"alpha": 0.123456}, path=f"/t/{i}")
+    a, b, c = (trial("a", {"final": 1, "defender_score": 61.25, "training_iteration": 3}),
+               trial("b", {"final": 0, "defender_score": 70.0, "training_iteration": 1}, "RUNNING"),
+               trial("c", {}, "RUNNING"))
+    capsys.readouterr()
+    progress.on_trial_start(0, [a, b, c], a)
+    progress.on_trial_complete(0, [a, b, c], a)
+    b.status = "TERMINATED"
+    progress.on_trial_complete(0, [a, b, c], b)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["kdshield: trial a started: alpha=0.1235",
+                     "kdshield: trial a finished: defender_score 61.25 (1/3 done, 2 running; best finished 61.25)",
+                     "kdshield: trial b stopped early after 1 epoch(s): defender_score 70 (2/3 done, 1 running; "
+                     "best finished 61.25)"]  # a stopped trial's score is not a best
+
+    for argv in (["--verbose", "report", "nowhere"], ["report", "nowhere", "-v"]):
+        monkeypatch.delenv(VERBOSE_ENV, raising=False)
+        assert main(argv) == 2 and verbose()

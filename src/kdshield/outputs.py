@@ -160,6 +160,14 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+VERBOSE_ENV = "KDSHIELD_VERBOSE"  # set by `kdshield --verbose`; Ray processes of the job inherit it
+
+
+def verbose() -> bool:
+    """Whether the person asked for everything (third-party logs, progress bars of every library)."""
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
 def say(msg: str) -> None:
     """A progress line for the person at the terminal (stderr)."""
     print(f"kdshield: {msg}", file=sys.stderr, flush=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from kdshield.outputs import VERBOSE_ENV, verbose
+
 _STARTED_LOCAL: list[bool] = [False]
 
 
@@ -24,6 +26,8 @@ def default_env() -> dict[str, str]:
     import torch
 
     env = {"TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1"}
+    if verbose():
+        env[VERBOSE_ENV] = "1"
     if not torch.cuda.is_available():
         env["DS_ACCELERATOR"] = "cpu"
     if os.environ.get("KDSHIELD_CACHE"):
@@ -31,7 +35,7 @@ def default_env() -> dict[str, str]:
     return env
 
 
-def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: bool = True) -> None:
+def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: bool | None = None) -> None:
     """Join the Ray cluster at ``address`` (``auto``, ``ray://host:10001``), or start a local one.
 
     Without ``address``, ``RAY_ADDRESS`` is joined when set (as inside a Ray job), and otherwise
@@ -43,6 +47,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
 
     if ray.is_initialized():
         return
+    quiet = not verbose() if quiet is None else quiet
+    if quiet:
+        quiet_process()
     os.environ.update(default_env())  # the driver's own DeepSpeed imports too
     kwargs = {"runtime_env": {"env_vars": default_env()},
               "logging_level": logging.WARNING if quiet else logging.INFO,
@@ -56,9 +63,30 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
     _STARTED_LOCAL[0] = not address
     logging.getLogger("ray.data").setLevel(logging.WARNING if quiet else logging.INFO)
-    ctx = ordered_data()
-    ctx.enable_progress_bars = not quiet
-    ctx.print_on_execution_start = not quiet
+    ordered_data()
+
+
+class _Harmless(logging.Filter):
+    """Ray's notices that read like failures to a new user and ask nothing of them."""
+
+    NOTICES = ("Token authentication is enabled for this Ray cluster", "Progress bars disabled", "A new progress UI is available")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOTICES)
+
+
+def quiet_process() -> None:
+    """Unless ``--verbose``: Ray's harmless notices filtered from this process's Ray log handlers,
+    Optuna at WARNING. (Ray Data's progress bars follow :func:`ordered_data`.)"""
+    if verbose():
+        return
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for name in ("ray", "ray.data", "ray.tune", "ray.train"):
+        for handler in [*logging.getLogger(name).handlers, *logging.getLogger().handlers]:
+            if not any(isinstance(f, _Harmless) for f in handler.filters):
+                handler.addFilter(_Harmless())
 
 
 def ordered_data():
@@ -72,4 +100,6 @@ def ordered_data():
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    # one bar per tiny dataset, from every trial and worker at once: only for --verbose
+    ctx.enable_progress_bars = ctx.print_on_execution_start = verbose()
     return ctx

@@ -24,6 +24,12 @@ import torch
 
 from kdshield.errors import InputError
 from kdshield.models.presets import resolve_model
+from kdshield.outputs import verbose
+
+if not verbose():  # a bar per model load ("Loading weights" 105/105) tells nobody anything
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
 
 #: Suffixes of weight files that are Python pickles (loading one can execute code).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")

@@ -70,7 +70,7 @@ from kdshield.trainables.durable_search import DurableOptunaSearch
 from kdshield.trainables.engine import trains_in_process
 from kdshield.trainables.hooks import DefenseHooks
 from kdshield.trainables.objective import CANARY_DIR, build_probe, eval_tables, final_scores, from_eval_metrics
-from kdshield.outputs import say, write_json
+from kdshield.outputs import say, verbose, write_json
 from kdshield.trainables.stage_cache import StageCache, read_events
 from kdshield.trainables.stage_runs import StageRuns
 
@@ -511,8 +511,47 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
                                     num_samples=max(1, job.num_samples - completed),
                                     max_concurrent_trials=concurrent, reuse_actors=False),
-        run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1,
+        run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1 if verbose() else 0,
+                                      callbacks=[] if verbose() else [_progress(job, completed)],
                                       failure_config=ray.tune.FailureConfig(max_failures=job.trial_retries)))
+
+
+def _progress(job: TuneJob, completed: int):
+    """A Tune callback that prints one line per trial that ends (instead of Tune's status tables):
+    its score, how far it got, and the search so far (done, running, best)."""
+    from ray.tune import Callback
+
+    metric = job.scheduler_metric()
+    sign = 1 if SCALAR_MODES[metric] == "max" else -1
+
+    class Progress(Callback):
+        best: float | None = None
+        done = completed
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            say(f"trial {trial.trial_id} started: " + ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items()))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            last = trial.last_result or {}
+            value = last.get(metric)
+            finished = last.get("final") == 1
+            if finished and value is not None and (self.best is None or sign * value > sign * self.best):
+                self.best = value
+            running = sum(t.status == "RUNNING" for t in trials if t is not trial)
+            how = "finished" if finished else f"stopped early after {last.get('training_iteration', '?')} epoch(s)"
+            say(f"trial {trial.trial_id} {how}: {metric} {_short(value)} ({self.done}/{job.num_samples} done, "
+                f"{running} running; best finished {_short(self.best)})")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.done += 1
+            say(f"trial {trial.trial_id} failed ({self.done}/{job.num_samples} done); its error is in {trial.path}")
+
+    return Progress()
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def study_trials(url: str, name: str) -> list:
