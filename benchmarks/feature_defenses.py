@@ -45,11 +45,13 @@ VARIANTS = {"robustkd-m0.1": ("robustkd", {"m": 0.1}),
             "mbtsad-clean20": ("mbtsad", {"clean_share": 0.2}),
             # the paper trains its student from scratch; kdshield's default copies the teacher's kept blocks
             "robustkd-scratch": ("robustkd", {"student_init": "random"}),
-            "robustkd-scratch-30ep": ("robustkd", {"student_init": "random", "distill_epochs": 30})}
+            "robustkd-scratch-30ep": ("robustkd", {"student_init": "random", "distill_epochs": 30}),
+            # the authors' student distils in training mode, against the teacher's maps taken in eval mode
+            "mbtsad-eval": ("mbtsad", {"student_attention": "eval"})}
 FAMILY = {"ts-ft": "mbtsad", "mbtsad": "mbtsad", "robustkd": "robustkd", "feature-kd": "robustkd",
           **{k: v[0] for k, v in VARIANTS.items()}}
 LABELS = {"none": "No defense", "ts-ft": "TS-FT", "mbtsad": "MBTSAD", "robustkd": "RobustKD",
-          "feature-kd": "plain feature KD", "robustkd-m0.1": "RobustKD, m 0.1 (the paper's best)",
+          "feature-kd": "plain feature KD", "mbtsad-eval": "MBTSAD, student in eval mode (maps as the teacher's)", "robustkd-m0.1": "RobustKD, m 0.1 (the paper's best)",
           "robustkd-lf": "RobustKD, mask loss Var only (no CE)", "mbtsad-clean20": "MBTSAD, 20% clean data (the paper's)",
           "robustkd-scratch": "RobustKD, student from scratch (the paper's)",
           "robustkd-scratch-30ep": "RobustKD, student from scratch, 30 distillation epochs"}

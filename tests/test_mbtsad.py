@@ -185,6 +185,41 @@ def test_capture_taps_every_layer_and_keeps_no_attention_tuple():
     assert len(loss._terms) == 0
 
 
+def test_student_attention_in_eval_mode_matches_a_frozen_models_maps_and_still_trains():
+    """``student_attention=eval``: a student in training mode gives the attention maps a frozen
+    (eval-mode) copy gives and gradients flow through them; in the default ``train`` mode dropout
+    makes them differ. Either way the model is back in training mode afterwards."""
+    from kdshield.models import load_classifier
+
+    model, tok = load_classifier("tiny-bert", 2, attn_implementation="eager")
+    model.config.attention_probs_dropout_prob = 0.5
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+        if hasattr(m, "dropout") and isinstance(getattr(m, "dropout"), float):
+            m.dropout = 0.5
+    enc = tok(["a short text", "another slightly longer text here"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        frozen = [a.clone() for a in model.eval()(**enc, output_attentions=True).attentions]
+    batch = {"attention_mask": enc["attention_mask"], "label": torch.tensor([0, 1]), "teacher_layer_seq": None,
+             "teacher_ae_token_map": torch.stack([attention_enhancement(a) for a in frozen], 1)}
+    model.train()
+    for eval_attention, same in ((True, True), (False, False)):
+        torch.manual_seed(0)
+        seen = []
+        with tap_attentions(model, lambda i, p: seen.append(p), eval_mode=eval_attention):
+            out = model(**enc)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(seen, frozen)) is same
+        assert model.training and all(m.training for m in model.modules())  # modes restored
+    loss = MBTSADLoss(beta=0.0, eval_attention=True)
+    with loss.capture(model, batch):
+        out = model(**enc)
+    value, logs = loss(out, batch)
+    assert logs["att"] == pytest.approx(0.0, abs=1e-5)  # maps as the frozen copy's ...
+    value.backward()  # ... and the loss still trains the student
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
 def test_tap_refuses_models_without_eager_attention():
     from kdshield.models import load_classifier
 

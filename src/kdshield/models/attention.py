@@ -31,14 +31,16 @@ def _attention_class(model) -> tuple[type, int]:
 
 
 @contextlib.contextmanager
-def tap_attentions(model, fn: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+def tap_attentions(model, fn: Callable[[int, torch.Tensor], None], *, eval_mode: bool = False) -> Iterator[None]:
     """Within the block, every forward of ``model`` calls ``fn(layer, probs)`` as soon as block
     ``layer`` (0-based) has computed its attention probabilities ``probs`` [B, heads, L, L]
     (the softmax outputs, after attention dropout in training mode, as transformers returns
-    them). Raises RuntimeError from the forward when the model was not loaded with an
-    implementation that returns them (``attn_implementation="eager"``)."""
+    them). ``eval_mode``: the model runs in eval mode within the block (no dropout anywhere;
+    gradients still flow), so its maps are taken as a frozen model's are. Raises RuntimeError from the forward when the model was not loaded
+    with an implementation that returns them (``attn_implementation="eager"``)."""
     cls, index = _attention_class(model)
     modules = [m for m in model.modules() if type(m) is cls]
+    mode = model.training
     handles = []
 
     def make_hook(layer: int):
@@ -53,10 +55,13 @@ def tap_attentions(model, fn: Callable[[int, torch.Tensor], None]) -> Iterator[N
     try:
         for i, m in enumerate(modules):
             handles.append(m.register_forward_hook(make_hook(i)))
+        if eval_mode:
+            model.train(False)
         yield
     finally:
         for h in handles:
             h.remove()
+        model.train(mode)
 
 
 def attention_enhancement(probs: torch.Tensor) -> torch.Tensor:

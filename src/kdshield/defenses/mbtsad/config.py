@@ -41,6 +41,10 @@ class MBTSADConfig(TSFTConfig):
     beta: float = Field(1.0, ge=0, description="weight of L_h, the hidden-state MSE (Eq. 1)")
     ablation: Literal["none", "no-att", "no-hid", "cd"] = Field("none", description=(
         "Table IV's ablations: no-att drops L_a, no-hid drops L_h, cd keeps only L_cls"))
+    student_attention: Literal["train", "eval"] = Field("train", description=(
+        "train: the student distils in training mode, its attention maps taken after dropout (the "
+        "authors' code); eval: it runs in eval mode (no dropout), so its maps are taken as the cached "
+        "teacher's are"))
     teacher_cache_limit_mb: float = Field(2048.0, ge=0, description=(
         "cache the teacher's attention maps and hidden states (computed once by batch inference) "
         "only when they take at most this much (float32); above it the teacher runs live at every "

@@ -53,10 +53,12 @@ class MBTSADLoss(StageLoss):
     read). Logs ``att``, ``ce``, ``hid``.
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, *, attention: bool = True):
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, *, attention: bool = True,
+                 eval_attention: bool = False):
         if alpha < 0 or beta < 0:
             raise ValueError(f"alpha and beta must be >= 0, got {alpha}, {beta}")
         self.alpha, self.beta, self.attention = float(alpha), float(beta), bool(attention)
+        self.eval_attention = bool(eval_attention)  # the student in eval mode: its maps without dropout
         self.needs_hidden_states = self.beta > 0
         self._terms: list[torch.Tensor] = []
 
@@ -68,7 +70,8 @@ class MBTSADLoss(StageLoss):
         self._terms = []
 
     def __repr__(self) -> str:
-        return f"MBTSADLoss(alpha={self.alpha}, beta={self.beta}, attention={self.attention})"
+        return (f"MBTSADLoss(alpha={self.alpha}, beta={self.beta}, attention={self.attention}"
+                + (", eval_attention=True)" if self.eval_attention else ")"))
 
     def capture(self, model, batch):
         self._terms = []
@@ -83,7 +86,7 @@ class MBTSADLoss(StageLoss):
             # reduce over heads now: only [B, L, L] (and the [B] term) outlive this block
             self._terms.append(attention_transfer(attention_enhancement(probs), teacher[:, layer], mask))
 
-        return tap_attentions(model, on_layer)
+        return tap_attentions(model, on_layer, eval_mode=self.eval_attention)
 
     def __call__(self, outputs, batch):
         logits = outputs.logits.float()

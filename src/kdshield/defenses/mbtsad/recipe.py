@@ -74,7 +74,8 @@ def run_mbtsad(ctx: Context) -> tuple[str, dict]:
         stream = ctx.teacher(stream, teacher, outputs, attn_implementation=attn)
     elif outputs:
         live_teacher = ModelSpec(teacher, i.num_labels, attn_implementation=attn)
-    loss = MBTSADLoss(c.alpha, c.hidden_weight, attention=c.use_attention)
+    loss = MBTSADLoss(c.alpha, c.hidden_weight, attention=c.use_attention,
+                      eval_attention=c.student_attention == "eval")
     result = ctx.train("distill", ModelSpec(i.model_dir, i.num_labels, attn_implementation=attn),
                        [Phase("augmented", loss)], {"augmented": stream}, epochs=c.distill_epochs,
                        lr=c.distill_lr, live_teacher=live_teacher, live_outputs=outputs or ("logits",))
