@@ -666,6 +666,24 @@ def test_a_storage_password_reaches_no_file_and_no_error_line(tiny_run, tmp_path
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg", None])
+def test_both_postgresql_drivers_reach_the_database_and_hold_a_study(postgres, driver):
+    """psycopg2 and psycopg (v3, what a bare postgresql:// means with SQLAlchemy 2.1) both pass the
+    storage check against a live server and carry an Optuna study."""
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    from kdshield.trainables.tune import _check_storage
+
+    pytest.importorskip(driver or "psycopg")
+    url = postgres.replace("postgresql+psycopg2://", f"postgresql+{driver}://" if driver else "postgresql://")
+    assert make_url(url).get_dialect().driver == (driver or "psycopg")
+    _check_storage(url)
+    study = optuna.create_study(study_name=f"s-{driver}", storage=url)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert len(optuna.load_study(study_name=f"s-{driver}", storage=url).trials) == 2
+
+
 def test_the_search_record_holds_the_storage_url_without_its_password(monkeypatch):
     from kdshield.trainables.tune import STORAGE_ENV, TuneJob
 
