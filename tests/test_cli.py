@@ -320,3 +320,27 @@ def test_quiet_by_default_and_verbose_on_request(monkeypatch, capsys):
     for argv in (["--verbose", "report", "nowhere"], ["report", "nowhere", "-v"]):
         monkeypatch.delenv(VERBOSE_ENV, raising=False)
         assert main(argv) == 2 and verbose()
+
+
+def test_memory_flags_reach_deepspeed_and_impossible_ones_are_one_line(capsys, no_ray):
+    """--grad-accum, --gradient-checkpointing and --offload are scaling settings every training
+    command takes; DeepSpeed gets them; what cannot run (offload without a GPU, parameter offload
+    below ZeRO 3) is refused before any work, in one line; at their defaults they are not part of
+    a job's record, so RUNs written before them still match."""
+    from kdshield.config import ScalingSettings, TrainSettings
+    from kdshield.trainables.engine import deepspeed_config
+
+    big = ScalingSettings(workers=2, zero=3, gpus_per_worker=1, grad_accum=4, offload="optimizer+params")
+    ds = deepspeed_config(TrainSettings(batch_size=8), big)
+    assert ds["gradient_accumulation_steps"] == 4
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert "offload_optimizer" not in deepspeed_config(TrainSettings(), ScalingSettings(zero=2))["zero_optimization"]
+    assert set(ScalingSettings().model_dump()) == {"workers", "cpus_per_worker", "gpus_per_worker", "zero", "bf16",
+                                                   "address", "placement_strategy", "max_failures"}
+    for flags, why in ((["--offload", "optimizer", "--zero", "2"], "the job has no GPU"),
+                       (["--offload", "optimizer+params", "--zero", "2", "--gpus-per-worker", "1"], "needs zero=3"),
+                       (["--offload", "optimizer", "--gpus-per-worker", "1"], "needs zero 1-3"),
+                       (["--grad-accum", "0"], "grad_accum")):
+        code, line = run_cli(["defend", "--method", "ft", "--run", "nowhere", "--out", "o", *flags], capsys)
+        assert code == 2 and line.startswith("kdshield: error: defend: scaling") and why in line, line

@@ -67,11 +67,14 @@ def accuracy(model_dir: Path, tok) -> float:
     return float(np.mean(preds == table.column("label").to_numpy()))
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_two_workers_learn_and_export(zero, tiny_stream, tmp_path):
+@pytest.mark.parametrize("scaling", [
+    {"zero": 2}, {"zero": 3},
+    # ZeRO 1 with two micro-batches per step, activations recomputed, bf16 autocast on the CPU
+    {"zero": 1, "grad_accum": 2, "gradient_checkpointing": True, "bf16": True}], ids=["zero2", "zero3", "zero1-large"])
+def test_two_workers_learn_and_export(scaling, tiny_stream, tmp_path):
     model_dir, tok, stream = tiny_stream
     result = run_stage(make_stage(model_dir, tok, epochs=4), {"train": stream},
-                       ScalingSettings(workers=2, zero=zero), storage=tmp_path)
+                       ScalingSettings(workers=2, **scaling), storage=tmp_path)
     losses = [h["train/loss"] for h in result.history]
     assert len(losses) == 4
     assert losses[-1] < 0.7 * losses[0], losses

@@ -61,7 +61,8 @@ def model_fields(model) -> dict[str, tuple[Any, str | None]]:
     return {**nested, **top}
 
 
-SCALING_FLAGS = ["workers", "cpus_per_worker", "gpus_per_worker", "zero", "bf16", "address", "in_process"]
+SCALING_FLAGS = ["workers", "cpus_per_worker", "gpus_per_worker", "zero", "bf16", "address", "in_process",
+                 "grad_accum", "gradient_checkpointing", "offload"]
 
 
 def _add_scaling(p: argparse.ArgumentParser) -> None:
@@ -76,6 +77,11 @@ def _add_scaling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus-per-worker", type=float, help="GPUs per worker (default 0)")
     g.add_argument("--zero", type=int, help="DeepSpeed ZeRO stage 0-3 (default 0)")
     g.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
+    g.add_argument("--grad-accum", type=int, metavar="N", help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward pass (less memory, more compute)")
+    g.add_argument("--offload", choices=["none", "optimizer", "optimizer+params"],
+                   help="ZeRO-Offload of GPU memory to CPU: optimizer state (ZeRO 1-3), and parameters (ZeRO 3)")
     g.add_argument("--address", help="Ray cluster address (auto, ray://host:10001); default: start a local Ray")
 
 

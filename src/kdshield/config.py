@@ -10,10 +10,10 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from kdshield.errors import InputError
 
@@ -39,16 +39,37 @@ class ScalingSettings(_Settings):
         None, description="train in the job's own process instead of a Ray Train worker group (default: when "
                           "the job is one CPU worker on a Ray it starts itself); a worker group restarts a worker "
                           "that died, in process the job dies with it")
+    grad_accum: int = Field(1, ge=1, description=(
+        "micro-batches whose gradients add up to one optimizer step (the effective batch is batch_size x "
+        "grad_accum x workers)"))
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute activations in the backward pass instead of keeping them (memory for compute)"))
+    offload: Literal["none", "optimizer", "optimizer+params"] = Field("none", description=(
+        "DeepSpeed ZeRO-Offload from GPU to CPU memory: the optimizer state (ZeRO 1-3), and the "
+        "parameters too (ZeRO 3)"))
 
+    # settings added after job records were first written: left out of dumps while at their
+    # defaults, so records (and the RUNs and results they identify) written before them still match
+    _LATE_DEFAULTS: ClassVar[dict[str, Any]] = {"in_process": None, "grad_accum": 1, "gradient_checkpointing": False, "offload": "none"}
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        # unset, ``in_process`` is left out of dumps, so job records (and the RUNs and results they
-        # identify) written before the setting existed still match
         data = handler(self)
-        if self.in_process is None:
-            data.pop("in_process", None)
+        for key, default in self._LATE_DEFAULTS.items():
+            if data.get(key, default) == default:
+                data.pop(key, None)
         return data
+
+    @model_validator(mode="after")
+    def _offload_needs(self):
+        if self.offload == "optimizer+params" and self.zero != 3:
+            raise ValueError("offload=optimizer+params partitions parameters to offload them: it needs zero=3")
+        if self.offload != "none" and self.zero == 0:
+            raise ValueError(f"offload={self.offload} offloads ZeRO's partitioned optimizer state: it needs zero 1-3")
+        if self.offload != "none" and not self.gpus_per_worker:
+            raise ValueError(f"offload={self.offload} moves GPU memory to CPU memory: the job has no GPU "
+                             "(--gpus-per-worker); on CPU everything is in CPU memory already")
+        return self
 
     def resolved(self) -> ScalingSettings:
         """These settings with the machine-dependent default filled in: a job of one CPU worker
@@ -87,6 +108,8 @@ def _format_error(source: str, err: ValidationError) -> str:
     where = ".".join(str(p) for p in first["loc"]) or "settings"
     if first["type"] == "missing":
         return f"{source}: {where} is required (a flag, or a key of --config)"
+    if first["type"] == "value_error":  # a validator's own sentence says what is wrong
+        return f"{source}: {where}: {first['msg'].removeprefix('Value error, ')}"
     value = first.get("input")
     return f"{source}: {where}={value!r}: {first['msg']}"
 

@@ -152,12 +152,18 @@ class StageModule(torch.nn.Module):
 
 def deepspeed_config(train: TrainSettings, scaling: ScalingSettings) -> dict[str, Any]:
     """The DeepSpeed config dict for one stage (the optimizer is a client torch AdamW)."""
+    zero: dict[str, Any] = {"stage": scaling.zero}
+    if scaling.offload != "none":  # ZeRO-Offload; the client torch AdamW steps on CPU
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if scaling.offload == "optimizer+params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     return {
         "train_micro_batch_size_per_gpu": train.batch_size,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": scaling.grad_accum,
         "gradient_clipping": train.grad_clip,
-        "zero_optimization": {"stage": scaling.zero},
+        "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": scaling.bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -409,6 +415,9 @@ def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int, runtim
     if spec is not None:
         model, tokenizer = load_classifier(spec.source, spec.num_labels, attn_implementation=spec.attn_implementation,
                                            keep_layers=spec.keep_layers, init=spec.init)
+        if scaling.gradient_checkpointing:
+            # non-reentrant: works with a frozen base (LoRA), whose inputs need no grad
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if spec.lora is not None:
             model = wrap_lora(model, spec.lora)  # base frozen before DeepSpeed sees it
     module = StageModule(model, stage.loss_modules())
@@ -417,7 +426,7 @@ def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int, runtim
     if not params:
         raise ValueError(f"stage {stage.name!r} has nothing to train")
     optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    total_steps = steps_per_epoch * train.epochs
+    total_steps = -(-steps_per_epoch // scaling.grad_accum) * train.epochs  # optimizer steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _linear_schedule(total_steps, int(train.warmup_ratio * total_steps)))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,

@@ -263,7 +263,9 @@ class StageCache:
                 if f.name not in ("evals", "name")}
         trained = sorted({p.stream for p in stage.phases})
         return _digest("stage", spec, {name: self.fingerprint(streams[name]) for name in trained},
-                       {"workers": scaling.workers, "zero": scaling.zero, "bf16": scaling.bf16})
+                       {"workers": scaling.workers, "zero": scaling.zero, "bf16": scaling.bf16,
+                        # keys written before grad_accum existed stay valid at its default
+                        **({"grad_accum": scaling.grad_accum} if scaling.grad_accum != 1 else {})})
 
     def stage(self, stage, streams: dict[str, Any], scaling, run: Callable[[], Any]):
         """The :class:`~kdshield.trainables.engine.StageResult` of ``stage``: ``run()`` once per key."""
