@@ -406,3 +406,35 @@ def test_describe(name, family, layers, hidden, params_m):
     assert (info["family"], info["layers"], info["hidden"]) == (family, layers, hidden)
     assert round(info["params"] / 1e6, 1) == params_m
     assert info["path"] == resolve_model(name)
+
+
+def test_inference_and_live_teachers_follow_the_accelerator(monkeypatch):
+    """No device is hard-coded: batch-inference actors and in-process scorers put their model on
+    the device DeepSpeed's accelerator names (a GPU when Ray gave the process one), ask Ray for the
+    job's GPUs, and a live teacher sits on the training worker's device. Shown here with the
+    ``meta`` device standing in for a GPU."""
+    import types
+
+    import kdshield.trainables.inference as inference
+    from kdshield.defenses.stage import ModelSpec
+    from kdshield.models import accelerator_device
+    from kdshield.trainables.engine import _live_teacher
+
+    assert accelerator_device() == torch.device("cpu")  # this machine: DeepSpeed's CPU accelerator
+    monkeypatch.setattr(inference, "accelerator_device", lambda: torch.device("meta"))
+    actor = inference.BatchPredictor("tiny-bert", 2)
+    assert next(actor.model.parameters()).device.type == "meta"
+    scorer = inference.LocalScorer(2, threads=1)
+    model, _ = scorer._model("tiny-bert", None)
+    assert next(model.parameters()).device.type == "meta"
+
+    seen = {}
+    fake = types.SimpleNamespace(map_batches=lambda fn, **kw: seen.update(kw))
+    inference.predict(fake, "tiny-bert", 2, gpus_per_actor=1.0, cpus_per_actor=4)
+    assert seen["num_gpus"] == 1.0 and seen["num_cpus"] == 4
+    inference.predict(fake, "tiny-bert", 2)
+    assert seen["num_gpus"] is None  # CPU jobs ask for no GPU
+
+    stage = types.SimpleNamespace(live_teacher=ModelSpec(source="tiny-bert", num_labels=2))
+    teacher, family = _live_teacher(stage, torch.device("meta"))
+    assert next(teacher.parameters()).device.type == "meta" and not teacher.training

@@ -4,6 +4,7 @@
 """
 
 from kdshield.models.loading import (
+    accelerator_device,
     block_list_name,
     check_keep_layers,
     check_safe_weights,
@@ -22,6 +23,7 @@ from kdshield.models.loading import (
 from kdshield.models.presets import PRESETS, Preset, resolve_model
 
 __all__ = [
+    "accelerator_device",
     "PRESETS",
     "Preset",
     "block_list_name",

@@ -177,6 +177,14 @@ def head_problem(name_or_path: str | os.PathLike, num_labels: int) -> str | None
     return None
 
 
+def accelerator_device() -> torch.device:
+    """The device this process computes on, as DeepSpeed's accelerator names it (``cuda:N`` on a
+    GPU Ray gave this process, else ``cpu``): one code path for CPU and GPU, no device hard-coded."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
 def load_classifier(
     name_or_path: str | os.PathLike,
     num_labels: int,

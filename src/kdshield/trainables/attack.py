@@ -176,6 +176,7 @@ def run_attack(job: AttackJob) -> dict:
         metrics = evaluate(str(model_out), num_labels, clean_test=streams["test"],
                            triggered_test=streams["test_triggered"], target_label=job.target_label,
                            pad_ids=pad, padding_side=tokenizer.padding_side, cpus_per_actor=scaling.cpus_per_worker,
+                           gpus_per_actor=scaling.gpus_per_worker,
                            scorer=LocalScorer(num_labels, threads=int(scaling.cpus_per_worker)) if in_process else None)
         shutil.rmtree(stage_dir / "ray", ignore_errors=True)
         metrics.update(seconds=time.perf_counter() - t0, train_seconds=result.seconds,

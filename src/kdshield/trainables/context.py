@@ -84,7 +84,8 @@ class JobContext:
     def _predict_kwargs(self, input_prefix: str) -> dict[str, Any]:
         key = f"{input_prefix}input_ids"
         return {"input_key": key, "pad_ids": {key: self.pad_ids[key]}, "padding_side": self.padding_side[key],
-                "cpus_per_actor": self.job.scaling.cpus_per_worker}
+                "cpus_per_actor": self.job.scaling.cpus_per_worker,
+                "gpus_per_actor": self.job.scaling.gpus_per_worker}  # inference runs where training does
 
     def teacher(self, stream, model_dir: str, outputs: tuple[str, ...], *, input_prefix: str = "",
                 attn_implementation: str | None = None):

@@ -467,13 +467,14 @@ def _resume(w: _Worker, resume_from: str | None) -> tuple[int, list[dict[str, An
     return state["epoch"], state["history"]
 
 
-def _live_teacher(stage: Stage):
-    """The frozen teacher a stage runs inside its loop (``Stage.live_teacher``), and its family."""
+def _live_teacher(stage: Stage, device):
+    """The frozen teacher a stage runs inside its loop (``Stage.live_teacher``), on the worker's
+    ``device`` (its inputs' device), and its family."""
     if stage.live_teacher is None:
         return None, None
     teacher, _ = load_classifier(stage.live_teacher.source, stage.live_teacher.num_labels,
                                  attn_implementation=stage.live_teacher.attn_implementation)
-    teacher.eval().requires_grad_(False)
+    teacher.to(device).eval().requires_grad_(False)
     return teacher, model_family(teacher.config)
 
 
@@ -625,7 +626,7 @@ def _train_worker(config: dict[str, Any], runtime=None) -> None:
     stage: Stage = config["stage"]
     w = _set_up(stage, config["scaling"], config["steps_per_epoch"], runtime or _RayTrainRuntime())
     start_epoch, history = _resume(w, config.get("resume_from"))
-    teacher, family = _live_teacher(stage)
+    teacher, family = _live_teacher(stage, w.engine.device)
     collate = PadCollate(stage.pad_ids, stage.padding_side)
     w.engine.train()
     last_checkpoint = time.monotonic()

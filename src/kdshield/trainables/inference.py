@@ -14,7 +14,7 @@ import numpy as np
 
 from kdshield.datasets import pad_collate
 from kdshield.evaluation.metrics import clean_and_attack_metrics
-from kdshield.models import load_classifier, model_family
+from kdshield.models import accelerator_device, load_classifier, model_family
 from kdshield.models.outputs import OUTPUTS, TOKEN_OUTPUTS, model_outputs
 
 
@@ -46,7 +46,7 @@ class BatchPredictor:
             attn_implementation = "eager"
         torch.set_num_threads(max(1, threads))
         self.model, _ = load_classifier(model_dir, num_labels, attn_implementation=attn_implementation)
-        self.model.eval()
+        self.model.to(accelerator_device()).eval()  # a GPU when the pool was given one
         self.family = model_family(self.model.config)
         self.outputs, self.prefix, self.input_key = outputs, prefix, input_key
         self.pad_ids, self.padding_side = pad_ids or {}, padding_side
@@ -70,8 +70,10 @@ def _run_model(model, family: str, ids: Sequence[np.ndarray], outputs: tuple[str
     column[:] = list(ids)
     tensors = pad_collate({"input_ids": column}, pad_ids={"input_ids": pad_id}, padding_side=padding_side)
     mask = tensors["attention_mask"]
+    device = next(model.parameters()).device
     with torch.inference_mode():
-        out = model_outputs(model, tensors["input_ids"], mask, outputs, family)
+        out = model_outputs(model, tensors["input_ids"].to(device), mask.to(device), outputs, family)
+    out = {name: value.float().cpu() for name, value in out.items()}
     keep = mask.bool()
     rows: dict[str, list[np.ndarray]] = {}
     for name, value in out.items():
@@ -118,7 +120,7 @@ class LocalScorer:
         key = (model_dir, attn)
         if key not in self._models:
             model, _ = load_classifier(model_dir, self.num_labels, attn_implementation=attn)
-            self._models[key] = (model.eval(), model_family(model.config))
+            self._models[key] = (model.to(accelerator_device()).eval(), model_family(model.config))
             while len(self._models) > self.keep_models:
                 self._models.popitem(last=False)
         self._models.move_to_end(key)

@@ -147,7 +147,8 @@ def eval_tables(shared: Path) -> dict[str, pa.Table]:
 
 
 def final_scores(model_dir: str, tables: dict[str, pa.Table], *, num_labels: int, tokenizer_dir: str,
-                 max_length: int, pad_ids, padding_side, cpus: float, in_process: bool = False) -> dict[str, float]:
+                 max_length: int, pad_ids, padding_side, cpus: float, gpus: float = 0.0,
+                 in_process: bool = False) -> dict[str, float]:
     """The defender score of a finished model by batch inference (when no epoch reported it): in
     this process with ``in_process``, else by Ray Data actors."""
     accs = {}
@@ -155,6 +156,6 @@ def final_scores(model_dir: str, tables: dict[str, pa.Table], *, num_labels: int
     for name, table in tables.items():
         logits, labels = predict_logits(tokenized_stream(table, tokenizer_dir, max_length), model_dir, num_labels,
                                         with_labels=True, pad_ids=pad_ids, padding_side=padding_side,
-                                        cpus_per_actor=cpus, scorer=scorer)
+                                        cpus_per_actor=cpus, gpus_per_actor=gpus, scorer=scorer)
         accs[f"eval/{name}/acc"] = float((logits.argmax(-1) == labels).mean())
     return from_eval_metrics(accs) or {}

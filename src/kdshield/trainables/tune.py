@@ -407,7 +407,8 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         last = final_scores(str(Path(job.out) / "model"), tables, num_labels=_num_labels(ctx["run"]),
                             tokenizer_dir=model_dir, max_length=config_obj.max_length,
                             pad_ids={"input_ids": tok.pad_token_id}, padding_side=tok.padding_side,
-                            cpus=job.scaling.cpus_per_worker, in_process=trains_in_process(job.scaling))
+                            cpus=job.scaling.cpus_per_worker, gpus=job.scaling.gpus_per_worker,
+                            in_process=trains_in_process(job.scaling))
     report = {"cacc": metrics["cacc"], "defender_score": last.get("defender_score", float("nan")),
               "val_cacc": last.get("cacc", float("nan")), "final": 1,
               "trial_seconds": time.perf_counter() - t0, "training_iteration": _iteration(trial_dir, "final")[0]}
