@@ -438,3 +438,22 @@ def test_inference_and_live_teachers_follow_the_accelerator(monkeypatch):
     stage = types.SimpleNamespace(live_teacher=ModelSpec(source="tiny-bert", num_labels=2))
     teacher, family = _live_teacher(stage, torch.device("meta"))
     assert next(teacher.parameters()).device.type == "meta" and not teacher.training
+
+
+def test_a_large_model_is_written_in_shards_that_load_back_exactly(tmp_path):
+    """Above ``max_shard_size`` a model is split into safetensors shards with an index (how a
+    7-8B model is exported); loading reads them back to the same weights; a state dict handed in
+    (a ZeRO-3 model's, gathered on one rank) is what gets written."""
+    from kdshield.models import load_classifier, save_classifier
+
+    model, tok = load_classifier("tiny-bert", 2)
+    out = save_classifier(model, tok, tmp_path / "sharded", max_shard_size="200KB")
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and (out / "model.safetensors.index.json").is_file() and not list(out.glob("*.bin"))
+    again, _ = load_classifier(str(out), 2)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    doubled = {k: v * 2 for k, v in model.state_dict().items()}
+    out = save_classifier(model, tok, tmp_path / "given", state_dict=doubled)
+    given, _ = load_classifier(str(out), 2)
+    name, value = next(iter(given.state_dict().items()))
+    assert torch.equal(value, doubled[name])

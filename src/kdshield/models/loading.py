@@ -327,9 +327,12 @@ def count_parameters(model_dir: str | os.PathLike) -> int:
     return total
 
 
-def save_classifier(model, tokenizer, out_dir: str | os.PathLike) -> Path:
+def save_classifier(model, tokenizer, out_dir: str | os.PathLike, *, state_dict: dict | None = None,
+                    max_shard_size: str | int = "2GB") -> Path:
     """Write ``model`` (safetensors + config) and ``tokenizer`` to ``out_dir``; returns it.
 
+    ``state_dict``: the weights to write instead of the model's own (a ZeRO-3 model's, gathered
+    onto one rank); files larger than ``max_shard_size`` are split into shards with an index.
     The result loads with ``AutoModelForSequenceClassification.from_pretrained(out_dir)``.
     Files are written to a sibling temporary directory first, and ``out_dir`` (replaced as a
     whole if it exists) only ever holds a complete model.
@@ -341,7 +344,7 @@ def save_classifier(model, tokenizer, out_dir: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
     old = out.parent / f"{tmp.name}-old"
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         if not any(tmp.glob("*.safetensors")):
             raise RuntimeError(f"save_pretrained wrote no safetensors weights into {tmp}")

@@ -180,8 +180,9 @@ def _linear_schedule(total_steps: int, warmup_steps: int):
 
 
 def _export(engine, tokenizer, out: Path, *, rank: int, zero: int, spec=None) -> None:
-    """From rank 0 (gathering ZeRO-3 shards): the model as a HF directory ``out/hf_model``
-    and the losses' modules as ``out/extras.safetensors``. A LoRA model (``spec.lora``) is
+    """From rank 0: the model as a HF directory ``out/hf_model`` (sharded safetensors; under
+    ZeRO-3 gathered layer by layer onto rank 0 only, never whole on every rank) and the losses'
+    modules as ``out/extras.safetensors``. A LoRA model (``spec.lora``) is
     written as its adapter ``out/adapter`` and the merged model ``out/hf_model``, both rebuilt
     on CPU from a copy of the state the engine holds (base weights included, so a base weight
     that had changed would show in the merged model)."""
@@ -192,6 +193,19 @@ def _export(engine, tokenizer, out: Path, *, rank: int, zero: int, spec=None) ->
 
     module: StageModule = engine.module
     lora = spec is not None and spec.lora is not None and module.model is not None
+    if zero == 3 and not lora:
+        # gathered layer by layer onto rank 0 alone (every rank takes part; only rank 0 holds it)
+        full = engine._zero3_consolidated_16bit_state_dict()
+        if rank != 0:
+            return
+        part = {name: {k.removeprefix(f"{name}."): v for k, v in full.items() if k.startswith(f"{name}.")}
+                for name in ("model", "extras")}
+        del full
+        if module.model is not None:
+            save_classifier(module.model, tokenizer, out / HF_MODEL_DIR, state_dict=part["model"])
+        if part["extras"]:
+            save_file({k: v.float().contiguous() for k, v in part["extras"].items()}, str(out / EXTRAS_FILE))
+        return
     gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
               if zero == 3 else contextlib.nullcontext())
     state = None
