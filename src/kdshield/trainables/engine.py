@@ -426,9 +426,19 @@ def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int, runtim
     torch.set_num_threads(max(1, int(scaling.cpus_per_worker)))
     torch.manual_seed(train.seed)
     spec, model, tokenizer = stage.model, None, None
+    ds_config = deepspeed_config(train, scaling)
+    partitioned = None
     if spec is not None:
+        if scaling.zero == 3 and spec.keep_layers is None and spec.init == "pretrained":
+            # from_pretrained builds the model under deepspeed.zero.Init and loads the safetensors
+            # shards into the partitions: a worker never holds the whole model (alive until
+            # deepspeed.initialize has taken the model over)
+            from transformers.integrations import HfDeepSpeedConfig
+
+            partitioned = HfDeepSpeedConfig(ds_config)
         model, tokenizer = load_classifier(spec.source, spec.num_labels, attn_implementation=spec.attn_implementation,
-                                           keep_layers=spec.keep_layers, init=spec.init)
+                                           keep_layers=spec.keep_layers, init=spec.init,
+                                           dtype=torch.bfloat16 if scaling.bf16 else torch.float32)
         if scaling.gradient_checkpointing:
             # non-reentrant: works with a frozen base (LoRA), whose inputs need no grad
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -444,7 +454,8 @@ def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int, runtim
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _linear_schedule(total_steps, int(train.warmup_ratio * total_steps)))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(train, scaling))
+                                           config=ds_config)
+    del partitioned  # later loads in this process (a live teacher, an export) are whole models again
     if world == 1 and scaling.zero == 0:
         engine.enable_backward_allreduce = False  # an all-reduce over one rank only copies gradients
     gc.collect()
