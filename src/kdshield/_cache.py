@@ -101,10 +101,15 @@ def _download(pkg: Package, dest: Path) -> Path:
         cmd = [npm, "pack", f"{pkg.name}@{pkg.version}", "--pack-destination", str(dest), "--silent"]
     else:
         raise ValueError(f"unknown registry {pkg.registry!r}")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # on a terminal the person sees the download's own progress bar; in a log, one line at the end
+    on_terminal = sys.stderr.isatty()
+    if on_terminal:
+        print(f"kdshield: fetching {pkg.name}=={pkg.version} (once: cached afterwards)", file=sys.stderr, flush=True)
+        cmd = [c for c in cmd if c not in ("--quiet", "--silent")]
+    proc = subprocess.run(cmd, capture_output=not on_terminal, text=True)
     files = [p for p in dest.iterdir() if p.is_file() and p.name != PINNED]
     if proc.returncode != 0 or len(files) != 1:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1] if proc.stderr else "its output is above"
         raise InputError(f"could not fetch {pkg.name}=={pkg.version} from {pkg.registry}: {last}")
     return files[0]
 
