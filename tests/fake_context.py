@@ -63,9 +63,10 @@ def _table_columns(table: pa.Table) -> dict[str, np.ndarray]:
 
 
 class FakeContext:
-    def __init__(self, inputs: Inputs, config, work: Path, *, live_teachers: bool = False, workers: int = 1):
+    def __init__(self, inputs: Inputs, config, work: Path, *, live_teachers: bool = False, workers: int = 1,
+                 lora: int | None = None):
         self.inputs, self.config, self.work = inputs, config, Path(work)
-        self.live_teachers, self.workers = live_teachers, workers
+        self.live_teachers, self.workers, self.lora = live_teachers, workers, lora
         tok = load_tokenizer(inputs.model_dir)
         self.pad_ids = {"input_ids": tok.pad_token_id}
         self.padding_side = {"input_ids": getattr(config, "padding_side", tok.padding_side)}
@@ -132,6 +133,7 @@ class FakeContext:
               epochs: int, lr: float, batch_size: int | None = None, pad_ids: dict | None = None,
               padding_side: Any = None, live_teacher: ModelSpec | None = None,
               live_outputs: tuple[str, ...] = ("logits", "hidden_seq")) -> FakeResult:
+        model = model.as_adapter(self.lora) if model is not None else None  # --lora R, as the job's context does
         stage = FakeStage(name, model, list(phases), streams, epochs, lr, live_teacher)
         self.stages.append(stage)
         hf, tokenizer = None, None

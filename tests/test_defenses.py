@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import kdshield
 from kdshield import defenses
@@ -125,6 +126,32 @@ def test_recipe_builds_its_stages_on_the_fake_context(method, runs, tmp_path):
     assert isinstance(info, dict)
     metrics = ctx.evaluate(model_dir)
     assert 0 <= metrics["cacc"] <= 100 and 0 <= metrics["asr"] <= 100
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if defenses.get(m).suspect_copies])
+def test_lora_trains_every_copy_of_the_suspect_as_an_adapter_on_one_frozen_base(method, runs, tmp_path):
+    """``--lora R``: each stage of the recipe trains an adapter on the attention projections;
+    the defended model differs from the suspect only where adapters and head sit (the base stayed
+    frozen through every stage)."""
+    spec = defenses.get(method)
+    inputs = _inputs(runs["encoder"])
+    ctx = FakeContext(inputs, spec.parse(TINY[method]), tmp_path, lora=4)
+    model_dir, _ = spec.recipe(ctx)
+    assert ctx.stages and all(s.model.lora is not None and s.model.lora.r == 4 for s in ctx.stages if s.model)
+    suspect, _ = load_classifier(inputs.model_dir, 2)
+    defended, _ = load_classifier(model_dir, 2)
+    before, after = suspect.state_dict(), defended.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(any(t in k for t in ("query", "value", "classifier")) for k in moved), sorted(moved)
+
+
+def test_lora_is_refused_where_a_defense_trains_no_copy_of_the_suspect(runs, capsys):
+    from kdshield.cli import main
+
+    for method, why in (("robustkd", "another, smaller network"), ("w2s", "its own lora_r")):
+        code = main(["defend", "--method", method, "--run", str(runs["encoder"]), "--lora", "8", "--out", "x"])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and line.startswith("kdshield: error: --lora:") and why in line, line
 
 
 @pytest.mark.parametrize("method", ["bedkd", "kd", "mbtsad", "nad"])

@@ -151,7 +151,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
     values = job_values(args, ["train", "test", "model", "out", "attack", "trigger_preset", "num_insertions", "position",
                                "target_label", "poison_rate", "clean_label", "dev_fraction", "num_labels",
-                               "overwrite"])
+                               "overwrite", "lora"])
     if args.trigger is not None:
         values["triggers"] = ([t.strip() for t in args.trigger.split(",")] if (args.attack or "badnet") == "badnet"
                               else [args.trigger])
@@ -169,7 +169,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
     from kdshield.trainables.defend import DefendJob, run_defend
 
     top = ["method", "run", "model", "train", "clean", "test", "triggered_test", "target_label", "num_labels",
-           "out", "overwrite", "teacher_outputs"]
+           "out", "overwrite", "teacher_outputs", "lora"]
     values = load_yaml(args.config) if args.config else {}
     params = dict(values.pop("params", {}) or {})
     if args.preset:  # the preset's settings first: the config's and --set win over them
@@ -322,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--num-labels", type=int)
     attack.add_argument("--out", required=True)
     attack.add_argument("--overwrite", action="store_true", default=None)
+    attack.add_argument("--lora", type=int, metavar="R")
     _add_training(attack)
     _add_scaling(attack)
     attack.set_defaults(func=cmd_attack)
@@ -348,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(robustkd: searched); --config params and --set override them")
     defend.add_argument("--out", required=True)
     defend.add_argument("--overwrite", action="store_true", default=None)
+    defend.add_argument("--lora", type=int, metavar="R")
     _add_scaling(defend)
     defend.set_defaults(func=cmd_defend)
     defend.job_model = "kdshield.trainables.defend:DefendJob"

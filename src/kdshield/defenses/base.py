@@ -127,6 +127,9 @@ class DefenseSpec:
     check: Check | None = None             # model-dependent checks before any Ray work: (config, inputs, teacher_outputs)
     derived: dict[str, Derived] = field(default_factory=dict)
     reference: str = ""                    # the paper
+    # every model it trains starts from the suspect's weights, so `--lora R` can make each an
+    # adapter on one frozen base (False: it trains another network whole, or has its own LoRA)
+    suspect_copies: bool = True
 
     def parse(self, values: dict[str, Any]):
         """``values`` (``--set`` / YAML) parsed once into the method's config; a setting the

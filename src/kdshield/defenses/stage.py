@@ -8,12 +8,12 @@ inference, and travel as columns of the streams (see :mod:`kdshield.trainables.i
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from kdshield.config import TrainSettings
 from kdshield.defenses.losses import StageLoss
-from kdshield.models.lora import LoraSpec
+from kdshield.models.lora import LoraSpec, suspect_lora
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,14 @@ class ModelSpec:
     init: str = "pretrained"
     lora: LoraSpec | None = None
     input_prefix: str = ""
+
+    def as_adapter(self, r: int | None) -> ModelSpec:
+        """``--lora r``: this model as a rank-``r`` adapter on its frozen ``source`` when it is a
+        copy of pretrained weights that trains whole (a reduced or fresh network, or one with its
+        own adapter, stays as it is)."""
+        if r is None or self.lora is not None or self.keep_layers is not None or self.init != "pretrained":
+            return self
+        return replace(self, lora=suspect_lora(self.source, r, self.num_labels))
 
 
 @dataclass(frozen=True)

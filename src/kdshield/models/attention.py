@@ -19,7 +19,8 @@ import torch
 
 
 def _attention_class(model) -> tuple[type, int]:
-    for m in (model, getattr(model, "base_model", None)):
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft (LoRA) model's own
+    for m in (model, getattr(model, "base_model", None), inner, getattr(inner, "base_model", None)):
         spec = getattr(type(m), "_can_record_outputs", None) or {}
         target = spec.get("attentions")
         if target is None:

@@ -89,6 +89,21 @@ def check_lora(spec: LoraSpec, model_dir: str, num_labels: int = 2, *, what: str
                          f"it has {', '.join(sorted(names))}")
 
 
+ATTENTION_TARGETS = (("q_proj", "v_proj"), ("query", "value"), ("q_lin", "v_lin"))  # LLaMA/Qwen, BERT, DistilBERT
+
+
+def suspect_lora(model_dir: str, r: int, num_labels: int = 2, *, what: str = "--lora") -> LoraSpec:
+    """``--lora R``: an adapter of rank ``r`` (alpha = r) on the attention query and value
+    projections of ``model_dir``'s architecture, head trained too; InputError when it has neither
+    naming."""
+    names = linear_module_names(model_dir, num_labels)
+    for targets in ATTENTION_TARGETS:
+        if set(targets) <= names:
+            return LoraSpec(r=r, alpha=float(r), dropout=0.0, target_modules=targets)
+    raise InputError(f"{what}: no attention projections named {' / '.join('+'.join(t) for t in ATTENTION_TARGETS)} "
+                     f"in {os.fspath(model_dir)!r} to put adapters on")
+
+
 def wrap_lora(model, spec: LoraSpec):
     """``model`` wrapped in a peft LoRA model: base weights frozen, adapters (and head) trainable."""
     from peft import get_peft_model

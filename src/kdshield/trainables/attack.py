@@ -41,6 +41,7 @@ from kdshield.defenses.losses import CrossEntropy
 from kdshield.defenses.stage import ModelSpec, Phase, Stage
 from kdshield.errors import InputError
 from kdshield.models import check_safe_weights, load_tokenizer, resolve_model
+from kdshield.models.lora import suspect_lora
 from kdshield.trainables.engine import copy_model, run_stage, trains_in_process
 from kdshield.trainables.inference import LocalScorer, evaluate
 from kdshield.outputs import check_out_dir, say, staged, write_json
@@ -69,6 +70,8 @@ class AttackJob(_Settings):
     num_labels: int | None = Field(None, ge=2, description="classes (default: read from the data)")
     seed: int = 0
     overwrite: bool = Field(False, description="replace a RUN directory kdshield wrote")
+    lora: int | None = Field(None, ge=1, description=(
+        "backdoor a LoRA adapter of this rank (merged into the model written) instead of every weight"))
     training: TrainSettings = Field(default_factory=lambda: TrainSettings(lr=5e-5))
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
 
@@ -90,8 +93,9 @@ class AttackJob(_Settings):
         return {**data, "attack": kind, "triggers": list(triggers)}
 
     def record(self) -> dict:
-        """The config that identifies this run (``overwrite`` is not part of it)."""
-        return self.model_dump(mode="json", exclude={"overwrite", "out"})
+        """The config that identifies this run (``overwrite`` is not part of it; ``lora`` only when set,
+        so RUNs written before it existed still match)."""
+        return self.model_dump(mode="json", exclude={"overwrite", "out"} | ({"lora"} if self.lora is None else set()))
 
 
 def tokenized_stream(table_or_ds, tokenizer_dir: str, max_length: int, *, prefix: str = ""):
@@ -137,6 +141,7 @@ def run_attack(job: AttackJob) -> dict:
     if Path(model_dir).is_dir():
         check_safe_weights(model_dir)
     tokenizer = load_tokenizer(model_dir)
+    lora = suspect_lora(str(model_dir), job.lora, num_labels) if job.lora else None
     rest_idx, dev_idx = stratified_split(train_tbl.column("label").to_numpy(), test_fraction=job.dev_fraction,
                                          seed=job.seed)
     rest, dev = train_tbl.take(pa.array(rest_idx)), train_tbl.take(pa.array(dev_idx))
@@ -165,7 +170,7 @@ def run_attack(job: AttackJob) -> dict:
         streams = {name: tokenized_stream(table, model_dir, max_len)
                    for name, table in {"train": poisoned, "test": test_tbl, "test_triggered": triggered}.items()}
         pad = {"input_ids": tokenizer.pad_token_id}
-        stage = Stage(name="attack", model=ModelSpec(source=str(model_dir), num_labels=num_labels),
+        stage = Stage(name="attack", model=ModelSpec(source=str(model_dir), num_labels=num_labels, lora=lora),
                       phases=(Phase("train", CrossEntropy()),), train=job.training,
                       pad_ids=pad, padding_side=tokenizer.padding_side)
         say(f"training {job.model} on {poisoned.num_rows} samples with {scaling.workers} worker(s), "

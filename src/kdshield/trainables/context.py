@@ -154,6 +154,7 @@ class JobContext:
         stage cache, named resumable runs and Ray Train callbacks. Records the stage's seconds,
         history and peak memory; returns its :class:`~kdshield.trainables.engine.StageResult`."""
         c, hooks = self.config, self.hooks
+        model = model.as_adapter(self.job.lora) if model is not None else None  # --lora R
         stage = Stage(name=name, model=model, phases=tuple(phases),
                       pad_ids=self.pad_ids if pad_ids is None else pad_ids,
                       padding_side=self.padding_side if padding_side is None else padding_side,

@@ -28,6 +28,7 @@ from kdshield.defenses.base import Inputs
 from kdshield.errors import InputError
 from kdshield.models import check_safe_weights, head_problem, resolve_model
 from kdshield.models.loading import HEAD_INIT_SEED
+from kdshield.models.lora import suspect_lora
 from kdshield.trainables.context import JobContext
 from kdshield.trainables.engine import copy_model, trains_in_process
 from kdshield.outputs import check_out_dir, say, staged, write_json
@@ -51,6 +52,9 @@ class DefendJob(_Settings):
         "cached", description="cached: teacher outputs precomputed once by batch inference; live: the "
                               "teacher runs at every step (only to measure what caching saves)")
     params: dict[str, Any] = Field(default_factory=dict)
+    lora: int | None = Field(None, ge=1, description=(
+        "train every copy of the suspect (DMM, teacher, student) as a LoRA adapter of this rank on one "
+        "frozen base instead of whole (large models)"))
     scaling: ScalingSettings = Field(default_factory=ScalingSettings)
 
     @field_validator("method")
@@ -66,7 +70,8 @@ class DefendJob(_Settings):
         return defenses.get(self.method)
 
     def record(self) -> dict:
-        return self.model_dump(mode="json", exclude={"overwrite", "out"})
+        # unset, ``lora`` is left out: results written before it existed still match
+        return self.model_dump(mode="json", exclude={"overwrite", "out"} | ({"lora"} if self.lora is None else set()))
 
 
 def resolve_inputs(job: DefendJob) -> Inputs:
@@ -117,6 +122,12 @@ def check_job(job: DefendJob, inputs: Inputs, config=None):
     (before Ray); returns the config."""
     spec = job.spec
     config = spec.parse(job.params) if config is None else config
+    if job.lora is not None:
+        if not spec.suspect_copies:
+            raise InputError(f"--lora: {job.method} does not train copies of the suspect"
+                             + (" (its own lora_r sets its adapter)" if "lora_r" in spec.config.model_fields
+                                else " (its student is another, smaller network, trained whole)"))
+        suspect_lora(inputs.model_dir, job.lora, inputs.num_labels)
     if spec.check is not None:
         spec.check(config, inputs, job.teacher_outputs)
     return config

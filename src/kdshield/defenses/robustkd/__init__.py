@@ -30,8 +30,8 @@ PAPER = "RobustKD: feature-variance detoxification for backdoored teachers; ../s
 register(
     DefenseSpec("robustkd", "detoxification masks on the teacher's features, then feature distillation into a "
                 "smaller student", RobustKDConfig, run_robustkd, final_stages=("distill",),
-                epoch_setting="distill_epochs", check=check_robustkd, reference=PAPER),
+                epoch_setting="distill_epochs", check=check_robustkd, reference=PAPER, suspect_copies=False),
     DefenseSpec("feature-kd", "baseline: plain feature distillation into the same student (no masks)",
                 FeatureKDConfig, run_feature_kd, final_stages=("distill",), epoch_setting="distill_epochs",
-                check=check_robustkd, reference=PAPER),
+                check=check_robustkd, reference=PAPER, suspect_copies=False),
 )

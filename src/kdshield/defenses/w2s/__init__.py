@@ -26,7 +26,9 @@ from kdshield.defenses.w2s.recipe import check_w2s, run_lora_ft, run_w2s
 PAPER = "W2SDefense: weak-to-strong unlearning of backdoors; ../shared/papers/w2sdefense.md"
 register(
     DefenseSpec("w2s", "a weak clean teacher distilled into a LoRA adapter on the suspect decoder", W2SConfig,
-                run_w2s, final_stages=("student",), epoch_setting="epochs", check=check_w2s, reference=PAPER),
+                run_w2s, final_stages=("student",), epoch_setting="epochs", check=check_w2s, reference=PAPER,
+                suspect_copies=False),
     DefenseSpec("lora-ft", "baseline: the same LoRA adapter trained by CE alone", LoraFTConfig, run_lora_ft,
-                final_stages=("lora_ft",), epoch_setting="epochs", check=check_w2s, reference=PAPER),
+                final_stages=("lora_ft",), epoch_setting="epochs", check=check_w2s, reference=PAPER,
+                suspect_copies=False),
 )
