@@ -451,6 +451,23 @@ def test_pad_collate_pads_to_the_batch_longest(side):
         pad_collate({"student_input_ids": _ragged([1])}, pad_ids={"input_ids": 0})
 
 
+def test_pad_to_gives_fixed_length_batches_with_aligned_token_columns():
+    """``pad_to`` (the papers' fixed-length padding, kdshield's ``--pad-to``): ids, mask and the
+    per-token teacher columns that align with them all reach ``pad_to`` tokens; real tokens stay
+    where dynamic padding puts them."""
+    hidden = np.empty(2, dtype=object)
+    hidden[:] = [np.ones((3, 4), np.float32), np.ones((1, 4), np.float32)]
+    maps = np.empty(2, dtype=object)
+    maps[:] = [np.ones((2, 3, 3), np.float32), np.ones((2, 1, 1), np.float32)]
+    batch = {"input_ids": _ragged([5, 6, 7], [8]), "teacher_hidden_seq": hidden, "teacher_ae_token_map": maps}
+    dynamic = pad_collate(batch, pad_ids={"input_ids": 0})
+    fixed = pad_collate(batch, pad_ids={"input_ids": 0}, pad_to=8)
+    assert fixed["input_ids"].shape == fixed["attention_mask"].shape == (2, 8)
+    assert fixed["teacher_hidden_seq"].shape == (2, 8, 4) and fixed["teacher_ae_token_map"].shape == (2, 2, 8, 8)
+    assert fixed["input_ids"][:, :3].tolist() == dynamic["input_ids"].tolist()
+    assert int(fixed["attention_mask"].sum()) == int(dynamic["attention_mask"].sum()) == 4
+
+
 # ----------------------------------------------------------------------------- corpora
 
 @pytest.fixture(scope="module")

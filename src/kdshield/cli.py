@@ -169,7 +169,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
     from kdshield.trainables.defend import DefendJob, run_defend
 
     top = ["method", "run", "model", "train", "clean", "test", "triggered_test", "target_label", "num_labels",
-           "out", "overwrite", "teacher_outputs", "lora"]
+           "out", "overwrite", "teacher_outputs", "lora", "pad_to"]
     values = load_yaml(args.config) if args.config else {}
     params = dict(values.pop("params", {}) or {})
     if args.preset:  # the preset's settings first: the config's and --set win over them
@@ -350,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     defend.add_argument("--out", required=True)
     defend.add_argument("--overwrite", action="store_true", default=None)
     defend.add_argument("--lora", type=int, metavar="R")
+    defend.add_argument("--pad-to", type=int, metavar="N")
     _add_scaling(defend)
     defend.set_defaults(func=cmd_defend)
     defend.job_model = "kdshield.trainables.defend:DefendJob"

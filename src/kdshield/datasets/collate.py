@@ -18,11 +18,12 @@ from kdshield.datasets.tokenize import pad_collate
 
 
 class PadCollate(NumpyBatchCollateFn):
-    """Pads every ``*input_ids`` column to its batch's longest row; see :func:`pad_collate`."""
+    """Pads every ``*input_ids`` column to its batch's longest row (at least ``pad_to`` tokens
+    when given: fixed-length batches, as the papers' code pads); see :func:`pad_collate`."""
 
     def __init__(self, pad_ids: Mapping[str, int],
-                 padding_side: Mapping[str, str] | str = "right"):
-        self.pad_ids, self.padding_side = dict(pad_ids), padding_side
+                 padding_side: Mapping[str, str] | str = "right", pad_to: int | None = None):
+        self.pad_ids, self.padding_side, self.pad_to = dict(pad_ids), padding_side, pad_to
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        return pad_collate(batch, pad_ids=self.pad_ids, padding_side=self.padding_side)
+        return pad_collate(batch, pad_ids=self.pad_ids, padding_side=self.padding_side, pad_to=self.pad_to)

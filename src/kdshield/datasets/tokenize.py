@@ -100,10 +100,10 @@ def _sequences(values) -> list[np.ndarray]:
     return [np.asarray(v).reshape(-1) for v in values]
 
 
-def _pad(seqs: list[np.ndarray], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(seqs: list[np.ndarray], pad_id: int, side: str, to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
-    longest = max((s.size for s in seqs), default=0)
+    longest = max(max((s.size for s in seqs), default=0), to or 0)
     ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), longest), dtype=torch.long)
     for row, seq in enumerate(seqs):
@@ -221,7 +221,7 @@ def _side(padding_side: Mapping[str, str] | str, name: str) -> str:
     return side
 
 
-def pad_collate(batch: Mapping[str, np.ndarray], *, pad_ids: Mapping[str, int],
+def pad_collate(batch: Mapping[str, np.ndarray], *, pad_ids: Mapping[str, int], pad_to: int | None = None,
                 padding_side: Mapping[str, str] | str = "right") -> dict[str, torch.Tensor]:
     """Collate a numpy batch from ``iter_torch_batches`` into tensors, padding dynamically.
 
@@ -253,7 +253,7 @@ def pad_collate(batch: Mapping[str, np.ndarray], *, pad_ids: Mapping[str, int],
             if name not in pad_ids:
                 raise InputError(f"pad_collate: no pad id for column '{name}'; "
                                  f"pad_ids has {', '.join(pad_ids) or 'none'}")
-            ids, mask = _pad(_sequences(values), int(pad_ids[name]), _side(padding_side, name))
+            ids, mask = _pad(_sequences(values), int(pad_ids[name]), _side(padding_side, name), pad_to)
             out[name] = ids
             out[name[: -len(INPUT_IDS)] + ATTENTION_MASK] = mask
         elif name.endswith((HIDDEN_SEQ, LAYER_SEQ, TOKEN_MAP)):
@@ -266,10 +266,11 @@ def pad_collate(batch: Mapping[str, np.ndarray], *, pad_ids: Mapping[str, int],
                                  f"align with; the batch has {', '.join(batch) or 'none'}")
             lengths = [int(s.size) for s in _sequences(batch[ids_name])]
             side = _side(padding_side, ids_name)
+            longest = max(max(lengths, default=0), pad_to or 0)  # as long as its input_ids
             if suffix == HIDDEN_SEQ:
-                out[name] = _pad_hidden(name, values, lengths, max(lengths, default=0), side)
+                out[name] = _pad_hidden(name, values, lengths, longest, side)
             else:
-                out[name] = _pad_token_axes(name, values, lengths, max(lengths, default=0), side,
+                out[name] = _pad_token_axes(name, values, lengths, longest, side,
                                             (1,) if suffix == LAYER_SEQ else (1, 2))
         elif name.endswith(ATTENTION_MASK) or _is_text(np.asarray(values)):
             continue

@@ -109,6 +109,9 @@ class Stage:
     them, see :func:`kdshield.trainables.inference.model_outputs`). For measuring what caching
     saves, and for teacher outputs too large to cache."""
     live_teacher_outputs: tuple[str, ...] = ("logits", "hidden_seq")
+    pad_to: int | None = None
+    """Pad every training batch to this many tokens instead of its longest row (the papers'
+    code pads to a fixed length: what dynamic padding saves is measured against it)."""
     evals: tuple[EpochEval, ...] = ()
     """Streams evaluated after every epoch (see :class:`EpochEval`); they observe, not train."""
 

@@ -160,7 +160,7 @@ class JobContext:
                       padding_side=self.padding_side if padding_side is None else padding_side,
                       train=TrainSettings(epochs=epochs, lr=lr, batch_size=batch_size or c.batch_size,
                                           max_length=c.max_length, warmup_ratio=0.0, seed=c.seed),
-                      live_teacher=live_teacher, live_teacher_outputs=tuple(live_outputs))
+                      live_teacher=live_teacher, live_teacher_outputs=tuple(live_outputs), pad_to=self.job.pad_to)
         say(f"stage {stage.name}: {stage.train.epochs} epoch(s) over "
             f"{', '.join(f'{k} ({v.count()} rows)' for k, v in streams.items())}")
         if stage.name in hooks.eval_stages and hooks.eval_streams and stage.model is not None:

@@ -52,6 +52,9 @@ class DefendJob(_Settings):
         "cached", description="cached: teacher outputs precomputed once by batch inference; live: the "
                               "teacher runs at every step (only to measure what caching saves)")
     params: dict[str, Any] = Field(default_factory=dict)
+    pad_to: int | None = Field(None, ge=1, description=(
+        "pad every training batch to this many tokens, as the papers' code does, instead of to its longest "
+        "row (to measure what dynamic padding saves)"))
     lora: int | None = Field(None, ge=1, description=(
         "train every copy of the suspect (DMM, teacher, student) as a LoRA adapter of this rank on one "
         "frozen base instead of whole (large models)"))
@@ -70,8 +73,8 @@ class DefendJob(_Settings):
         return defenses.get(self.method)
 
     def record(self) -> dict:
-        # unset, ``lora`` is left out: results written before it existed still match
-        return self.model_dump(mode="json", exclude={"overwrite", "out"} | ({"lora"} if self.lora is None else set()))
+        late = {k for k in ("lora", "pad_to") if getattr(self, k) is None}  # unset: results from before them match
+        return self.model_dump(mode="json", exclude={"overwrite", "out"} | late)
 
 
 def resolve_inputs(job: DefendJob) -> Inputs:

@@ -652,7 +652,7 @@ def _train_worker(config: dict[str, Any], runtime=None) -> None:
     w = _set_up(stage, config["scaling"], config["steps_per_epoch"], runtime or _RayTrainRuntime())
     start_epoch, history = _resume(w, config.get("resume_from"))
     teacher, family = _live_teacher(stage, w.engine.device)
-    collate = PadCollate(stage.pad_ids, stage.padding_side)
+    collate = PadCollate(stage.pad_ids, stage.padding_side, pad_to=stage.pad_to)
     w.engine.train()
     last_checkpoint = time.monotonic()
     for epoch in range(start_epoch, stage.train.epochs):

@@ -260,7 +260,8 @@ class StageCache:
         import dataclasses
 
         spec = {f.name: self._describe(getattr(stage, f.name)) for f in dataclasses.fields(stage)
-                if f.name not in ("evals", "name")}
+                if f.name not in ("evals", "name")
+                and not (f.name == "pad_to" and stage.pad_to is None)}  # keys from before pad_to stay valid
         trained = sorted({p.stream for p in stage.phases})
         return _digest("stage", spec, {name: self.fingerprint(streams[name]) for name in trained},
                        {"workers": scaling.workers, "zero": scaling.zero, "bf16": scaling.bf16,
