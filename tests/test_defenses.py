@@ -145,6 +145,12 @@ def test_lora_trains_every_copy_of_the_suspect_as_an_adapter_on_one_frozen_base(
     assert moved and all(any(t in k for t in ("query", "value", "classifier")) for k in moved), sorted(moved)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_every_packaged_preset_is_a_valid_config_of_its_method(method):
+    for name in defenses.presets(method):
+        defenses.get(method).parse(defenses.preset(method, name))
+
+
 def test_lora_is_refused_where_a_defense_trains_no_copy_of_the_suspect(runs, capsys):
     from kdshield.cli import main
 

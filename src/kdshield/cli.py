@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a method setting, e.g. alpha=0.3, target_frr=0.05 (repeatable)")
     defend.add_argument("--config", help="YAML job file (method, params, scaling); flags override it")
     defend.add_argument("--preset", help="named settings packaged with the method, found by a search "
-                                         "(robustkd: searched); --config params and --set override them")
+                                         "(robustkd, mbtsad: searched); --config params and --set override them")
     defend.add_argument("--out", required=True)
     defend.add_argument("--overwrite", action="store_true", default=None)
     defend.add_argument("--lora", type=int, metavar="R")

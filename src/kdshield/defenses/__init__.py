@@ -53,16 +53,22 @@ def _preset_dir(name: str) -> Path:
     return Path(importlib.import_module(package).__file__).parent / "presets"
 
 
+def _preset_files(name: str) -> dict[str, Path]:
+    """Preset files of method ``name``: those in its folder's ``presets/`` whose ``method:`` is it
+    (a folder holds several methods: RobustKD's holds feature-kd, MBTSAD's ts-ft)."""
+    folder = _preset_dir(name)
+    files = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
+    return {p.stem: p for p in files if read_yaml(p.read_text()).get("method") == name}
+
+
 def presets(name: str) -> list[str]:
     """The named settings packaged for method ``name`` (``<defense folder>/presets/<preset>.yaml``)."""
-    folder = _preset_dir(name)
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+    return list(_preset_files(name))
 
 
 def preset(name: str, which: str) -> dict[str, Any]:
     """The settings of preset ``which`` of method ``name``; an unknown one is one InputError line."""
-    path = _preset_dir(name) / f"{which}.yaml"
-    if not path.is_file():
-        known = presets(name)
-        raise InputError(f"--preset {which}: {name} has no such preset (packaged: {', '.join(known) or 'none'})")
-    return dict(read_yaml(path.read_text())["params"])
+    files = _preset_files(name)
+    if which not in files:
+        raise InputError(f"--preset {which}: {name} has no such preset (packaged: {', '.join(files) or 'none'})")
+    return dict(read_yaml(files[which].read_text())["params"])
