@@ -69,6 +69,8 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
 class _Harmless(logging.Filter):
     """Ray's notices that read like failures to a new user and ask nothing of them."""
 
+    SOURCES = ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress",
+               "ray.data._internal.execution.streaming_executor")
     NOTICES = ("Token authentication is enabled for this Ray cluster", "Progress bars disabled", "A new progress UI is available")
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -83,10 +85,14 @@ def quiet_process() -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # on the loggers that emit them (a logger's own filters see every record it creates, whatever
+    # handlers Ray sets up later) and on the handlers records propagate to
+    loggers = [logging.getLogger(n) for n in _Harmless.SOURCES]
     for name in ("ray", "ray.data", "ray.tune", "ray.train"):
-        for handler in [*logging.getLogger(name).handlers, *logging.getLogger().handlers]:
-            if not any(isinstance(f, _Harmless) for f in handler.filters):
-                handler.addFilter(_Harmless())
+        loggers += logging.getLogger(name).handlers
+    for target in [*loggers, *logging.getLogger().handlers]:
+        if not any(isinstance(f, _Harmless) for f in target.filters):
+            target.addFilter(_Harmless())
 
 
 def ordered_data():

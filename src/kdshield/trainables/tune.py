@@ -507,6 +507,8 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
                  if job.scheduler == "asha" else FIFOScheduler())
     import ray.tune
 
+    if not verbose():  # Tune's new output prints its boxes even at verbose=0; the legacy one is silent
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
