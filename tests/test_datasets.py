@@ -145,6 +145,24 @@ def test_hf_dataset_dict_split_is_read_and_root_refused(tmp_path):
         read_table(root)
 
 
+def test_a_directory_of_shards_reads_as_one_table_in_name_order(tmp_path):
+    """``part-*.parquet`` shards (or CSV / JSON Lines ones) are one dataset; Spark's ``_SUCCESS``
+    and hidden files are not data; mixed formats and a directory without data are one line each."""
+    shards = tmp_path / "corpus"
+    shards.mkdir()
+    pq.write_table(pa.table({"text": ["c", "d"], "label": [1, 0]}), shards / "part-00001.parquet")
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [0, 1]}), shards / "part-00000.parquet")
+    (shards / "_SUCCESS").write_text("")
+    table = read_table(shards)
+    assert table["text"].to_pylist() == ["a", "b", "c", "d"] and table["source_index"].to_pylist() == [0, 1, 2, 3]
+    (shards / "extra.csv").write_text("text,label\ne,1\n")
+    with pytest.raises(InputError, match="several formats"):
+        read_table(shards)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="without data files"):
+        read_table(tmp_path / "empty")
+
+
 def _bad(tmp_path, case):
     """(path, num_labels, expected message fragment) for one bad input."""
     def parquet(**cols):

@@ -110,8 +110,16 @@ def _read_raw(path: Path) -> pa.Table:
                              f"{', '.join(splits) or '(none)'}; pass one split: {choices}")
         if (path / "state.json").exists() or (path / "dataset_info.json").exists():
             return _read_hf_dataset_dir(path)
-        raise InputError(f"{path}: a directory, but not a Hugging Face save_to_disk "
-                         "dataset (no state.json, dataset_info.json or dataset_dict.json)")
+        # a directory of shards (part-00000.parquet, ...: how large corpora are stored), in name order
+        shards = sorted(p for p in path.iterdir()
+                        if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith((".", "_")))
+        kinds = sorted({p.suffix.lower() for p in shards})
+        if len(kinds) > 1:
+            raise InputError(f"{path}: shards in several formats ({', '.join(kinds)}); keep one format per directory")
+        if shards:
+            return pa.concat_tables([_read_raw(p) for p in shards], promote_options="default")
+        raise InputError(f"{path}: a directory without data files ({', '.join(SUFFIXES)}) that is not a Hugging "
+                         "Face save_to_disk dataset (no state.json, dataset_info.json or dataset_dict.json)")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise InputError(f"{path}: unknown data format '{suffix or '(no suffix)'}'; "
