@@ -433,9 +433,11 @@ def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int, runtim
             # from_pretrained builds the model under deepspeed.zero.Init and loads the safetensors
             # shards into the partitions: a worker never holds the whole model (alive until
             # deepspeed.initialize has taken the model over)
-            from transformers.integrations import HfDeepSpeedConfig
+            from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
 
             partitioned = HfDeepSpeedConfig(ds_config)
+            if not is_deepspeed_zero3_enabled():  # transformers' glue needs accelerate (peft brings it)
+                raise RuntimeError("ZeRO-3 partitioned loading is unavailable: install accelerate")
         model, tokenizer = load_classifier(spec.source, spec.num_labels, attn_implementation=spec.attn_implementation,
                                            keep_layers=spec.keep_layers, init=spec.init,
                                            dtype=torch.bfloat16 if scaling.bf16 else torch.float32)
