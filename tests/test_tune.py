@@ -760,3 +760,25 @@ def test_a_planted_canary_is_learned_and_the_defense_gets_its_rows(tmp_path, ray
     assert (predictions(canaried, plain) == 1).mean() >= 0.75  # the clean task is kept
     assert trigger_effect(canaried) >= 0.5
     assert trigger_effect(run / "model") < 0.25  # the suspect had no canary
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
+def test_the_probe_records_how_well_the_canary_took(tmp_path, ray_local):
+    """``--objective canary``: the probe plants the canary once and measures it on the canaried
+    suspect before any defense (its ASR on the held-out rows), so a canary that did not take
+    shows in probe.json instead of silently flattening every trial's score."""
+    from kdshield.datasets.toy import write_toy_run
+    from kdshield.trainables.defend import DefendJob
+    from kdshield.trainables.objective import build_probe
+    from kdshield.trainables.stage_cache import StageCache
+
+    run = write_toy_run(tmp_path / "run")
+    job = DefendJob(method="bedkd", run=str(run), out=str(tmp_path / "unused"),
+                    params={"n_c_dmm": 4, "n_c": 8, "dmm_epochs": 1, "batch_size": 8, "max_length": 16})
+    info = build_probe(job, tmp_path / "shared", cache=StageCache(tmp_path / "cache"), val_fraction=0.25,
+                       probe_n=4, seed=0, canary={"rate": 0.4, "epochs": 30, "lr": 3e-3, "batch_size": 8,
+                                                  "max_length": 16})
+    assert (tmp_path / "shared" / "canary.parquet").is_file()
+    assert info["canary_asr_planted"] >= 50 and 0 <= info["canary_val_acc_planted"] <= 100
+    assert json.loads((tmp_path / "shared" / "probe.json").read_text())["canary_asr_planted"] == info["canary_asr_planted"]

@@ -36,10 +36,12 @@ import pyarrow.parquet as pq
 from kdshield.datasets import stratified_split, write_table
 from kdshield.datasets.subsets import with_labels
 from kdshield.defenses.bedkd.recipe import clean_sets, identify_poisoned, train_dmm
+from kdshield.models import load_tokenizer
 from kdshield.trainables.attack import tokenized_stream
 from kdshield.trainables.canary import plant_canary
 from kdshield.trainables.context import JobContext
 from kdshield.trainables.defend import resolve_inputs
+from kdshield.trainables.engine import trains_in_process
 from kdshield.trainables.hooks import DefenseHooks
 from kdshield.trainables.inference import LocalScorer, predict_logits
 from kdshield.outputs import say, write_json
@@ -117,6 +119,17 @@ def build_probe(job, shared: Path, *, cache, val_fraction: float, probe_n: int, 
             suspected_target=int(target), out=shared / CANARY_DIR, scaling=job.scaling, seed=seed, **canary)
         write_table(evaluation, shared / f"{CANARY}.parquet")
         info.update(planted)
+        # how well it took, before any defense: a canary the suspect barely learned says nothing
+        tok = load_tokenizer(inputs.model_dir)
+        took = final_scores(str(shared / CANARY_DIR / "model"), {VAL: val, CANARY: evaluation},
+                            num_labels=inputs.num_labels, tokenizer_dir=inputs.model_dir,
+                            max_length=canary["max_length"], pad_ids={"input_ids": tok.pad_token_id},
+                            padding_side=tok.padding_side, cpus=job.scaling.cpus_per_worker,
+                            in_process=trains_in_process(job.scaling))
+        info.update(canary_asr_planted=took.get("canary_asr"), canary_val_acc_planted=took.get("cacc"))
+        say(f"canary planted: its ASR {took.get('canary_asr', float('nan')):.1f}% on the held-out rows, "
+            f"their accuracy {took.get('cacc', float('nan')):.1f}%"
+            + ("; it barely took: raise --canary-epochs or --canary-rate" if took.get("canary_asr", 0) < 80 else ""))
     if "poisoned" in inputs.train.column_names and len(rows):  # ground truth: reported, never used
         truth = inputs.train.column("poisoned").to_numpy(zero_copy_only=False)
         info["flagged_precision"] = float(100.0 * truth[rows].mean())
