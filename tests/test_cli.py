@@ -179,7 +179,8 @@ def test_a_dead_jobs_staging_directories_are_swept_and_a_live_ones_kept(tmp_path
     assert not any(d.exists() for d in dead) and all(d.exists() for d in kept)
 
 
-@pytest.mark.parametrize("command", [["demo"], ["defend", "--method", "ft", "--run", "RUN"]])
+@pytest.mark.parametrize("command", [["demo"], ["defend", "--method", "ft", "--run", "RUN"],
+                                     ["tune", "--method", "ft", "--run", "RUN"]])
 def test_an_unwritable_out_is_refused_before_any_work(command, tmp_path, capsys, no_ray):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -70,7 +70,7 @@ from kdshield.trainables.durable_search import DurableOptunaSearch
 from kdshield.trainables.engine import trains_in_process
 from kdshield.trainables.hooks import DefenseHooks
 from kdshield.trainables.objective import CANARY_DIR, build_probe, eval_tables, final_scores, from_eval_metrics
-from kdshield.outputs import say, verbose, write_json
+from kdshield.outputs import check_writable, say, verbose, write_json
 from kdshield.trainables.stage_cache import StageCache, read_events
 from kdshield.trainables.stage_runs import StageRuns
 
@@ -574,7 +574,7 @@ def study_trials(url: str, name: str) -> list:
 
 def run_tune(job: TuneJob) -> dict[str, Any]:
     """Validate, plan, probe once, search; returns a summary (also ``OUT/summary.json``)."""
-
+    check_writable(Path(job.out))  # first, as defend does: not after the probe's minutes of work
     space, template, probe = validate(job)
     identity = job.identity(space)
     mode = _check_out(job, identity)
