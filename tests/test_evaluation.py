@@ -33,3 +33,26 @@ def test_no_trigger_asr_is_clean_error_into_the_target_on_the_asr_rows():
     assert m["asr_no_trigger"] == 50.0  # so the trigger adds 25 points
     assert clean_and_attack_metrics(clean, labels, None, 1) == {"cacc": 60.0}
     assert "asr" not in clean_and_attack_metrics(clean, labels, triggered, None)
+
+
+def test_inference_progress_draws_only_on_a_terminal():
+    """Scoring thousands of rows in process shows a bar to a person at a terminal; a log file (or
+    a short job) gets nothing."""
+    import io
+
+    from kdshield.trainables.inference import _TerminalProgress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen, log = Terminal(), io.StringIO()
+    for stream in (screen, log):
+        bar = _TerminalProgress("scoring 2000 rows with model", 2000, stream=stream)
+        for _ in range(4):
+            bar.update(500)
+        bar.close()
+    assert screen.getvalue().endswith("[" + "#" * 30 + "] 2000/2000\n") and log.getvalue() == ""
+    short = Terminal()
+    _TerminalProgress("scoring 10 rows", 10, stream=short).update(10)
+    assert short.getvalue() == ""

@@ -8,6 +8,7 @@ engine reads them next to the inputs instead of running the teacher at every ste
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -97,6 +98,32 @@ def _column(values: list[np.ndarray], name: str) -> np.ndarray:
     return column
 
 
+class _TerminalProgress:
+    """A one-line progress bar on stderr, drawn only when a person watches a terminal (never in a
+    log file) and the work is long enough to be worth one (``total`` >= ``min_total`` rows)."""
+
+    def __init__(self, label: str, total: int, *, min_total: int = 1000, stream=None):
+        import sys
+
+        self.stream = stream or sys.stderr
+        self.label, self.total, self.done = label, total, 0
+        self.on = total >= min_total and self.stream.isatty()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.on:
+            width = 30
+            filled = int(width * self.done / max(1, self.total))
+            self.stream.write(f"\rkdshield: {self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                              f"{self.done}/{self.total}")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.on:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
 class LocalScorer:
     """Frozen models' outputs computed in this process, for jobs whose tables it holds anyway.
 
@@ -144,6 +171,7 @@ class LocalScorer:
             model, family = self._model(model_dir, attn)
             threads = torch.get_num_threads()
             torch.set_num_threads(max(1, self.threads))
+            bar = _TerminalProgress(f"scoring {len(todo)} rows with {Path(model_dir).name}", len(todo))
             try:
                 for start in range(0, len(todo), self.batch_size):
                     chunk = todo[start:start + self.batch_size]
@@ -151,7 +179,9 @@ class LocalScorer:
                                       pad_id=pad_id, padding_side=padding_side)
                     for i, k in enumerate(chunk):
                         memo.setdefault(k, {}).update({name: values[i] for name, values in rows.items()})
+                    bar.update(len(chunk))
             finally:
+                bar.close()
                 torch.set_num_threads(threads)
             self.rows_scored[model_dir] += len(todo)
         self.rows_served[model_dir] += len(keys)
