@@ -53,9 +53,7 @@ def model_fields(model) -> dict[str, tuple[Any, str | None]]:
     for name, field in model.model_fields.items():
         value = None if field.is_required() else field.get_default(call_default_factory=True)
         if isinstance(value, BaseModel):
-            nested.update({k: (v, f.description) for (k, f), v in zip(type(value).model_fields.items(),
-                                                                      (getattr(value, k) for k in
-                                                                       type(value).model_fields))})
+            nested.update({k: (getattr(value, k), f.description) for k, f in type(value).model_fields.items()})
         elif not isinstance(value, (dict, list)):
             top[name] = (value, field.description)
     return {**nested, **top}
