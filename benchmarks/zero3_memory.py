@@ -45,7 +45,7 @@ from kdshield.models import load_tokenizer
 from kdshield.trainables.attack import tokenized_stream
 from kdshield.trainables.engine import run_stage
 
-model_dir, out = sys.argv[1], sys.argv[2]
+model_dir, out, bf16 = sys.argv[1], sys.argv[2], sys.argv[3] == "bf16"
 connect(num_cpus=2)
 tok = load_tokenizer(model_dir)
 rng = np.random.default_rng(0)
@@ -58,7 +58,7 @@ stage = Stage(name="lora", model=ModelSpec(source=model_dir, num_labels=2,
               train=TrainSettings(epochs=1, lr=1e-4, batch_size=2, max_length=32, warmup_ratio=0.0),
               pad_ids={"input_ids": tok.pad_token_id}, padding_side="left")
 result = run_stage(stage, {"train": tokenized_stream(table, model_dir, 32)},
-                   ScalingSettings(workers=2, cpus_per_worker=1, zero=3, bf16=True), storage=out)
+                   ScalingSettings(workers=2, cpus_per_worker=1, zero=3, bf16=bf16), storage=out)
 last = result.history[-1]
 json.dump({k: last.get(k) for k in ("peak_rss_mb_per_rank", "train_peak_rss_mb_per_rank", "rss_after_init_mb_per_rank",
                                     "train/loss")}, sys.stdout)
@@ -83,9 +83,10 @@ def random_llama(dest: Path, tokenizer_dir: str) -> Path:
     return dest
 
 
-def measure(src: Path, model_dir: Path, work: Path) -> dict:
+def measure(src: Path, model_dir: Path, work: Path, precision: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src), "RAY_ADDRESS": ""}
-    proc = subprocess.run([sys.executable, "-c", ONE_RUN, str(model_dir), str(work)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", ONE_RUN, str(model_dir), str(work), precision], env=env,
+                          capture_output=True,
                           text=True, timeout=3600)
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--before-src", required=True, help="src directory of a checkout without partitioned loading")
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "llama-1b"])
     ap.add_argument("--work", default=str(HERE / "work" / "zero3_memory"))
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE.parent / "src"))
     from kdshield.models import count_parameters, resolve_model
@@ -111,14 +113,15 @@ def main() -> None:
         fp32_mb = params * 4 / 2**20
         row = {"model": name, "parameters": params, "fp32_copy_mb": round(fp32_mb)}
         for code, src in (("before", Path(args.before_src)), ("after", HERE.parent / "src")):
-            m = measure(src.resolve(), model_dir, work / f"{name}-{code}")
+            m = measure(src.resolve(), model_dir, work / f"{name}-{code}", args.precision)
             peak = max(m["peak_rss_mb_per_rank"])
             row[code] = {**m, "worker_peak_mb": round(peak), "peak_over_fp32_copy": round(peak / fp32_mb, 3)}
             print(name, code, row[code], flush=True)
         rows.append(row)
     RESULTS.mkdir(exist_ok=True)
     record = {"command": " ".join(["python", "benchmarks/zero3_memory.py", *sys.argv[1:]]),
-              "setup": "ZeRO-3, 2 workers x 1 CPU, bf16, LoRA r 16 on q_proj/v_proj, batch 2 x 32 tokens, 8 steps",
+              "setup": f"ZeRO-3, 2 workers x 1 CPU, {args.precision}, LoRA r 16 on q_proj/v_proj, batch 2 x 32 "
+                       "tokens, 4 steps per worker",
               "machine": f"{os.cpu_count()} CPUs, no GPU", "rows": rows}
     (RESULTS / "zero3_memory.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["# Per-worker peak memory at ZeRO-3, 2 workers: whole-model vs partitioned loading", "",
