@@ -45,13 +45,13 @@ from kdshield.models import load_tokenizer
 from kdshield.trainables.attack import tokenized_stream
 from kdshield.trainables.engine import run_stage
 
-model_dir, out, bf16 = sys.argv[1], sys.argv[2], sys.argv[3] == "bf16"
+model_dir, out, bf16, n = sys.argv[1], sys.argv[2], sys.argv[3] == "bf16", int(sys.argv[4])
 connect(num_cpus=2)
 tok = load_tokenizer(model_dir)
 rng = np.random.default_rng(0)
-texts = [" ".join(rng.choice(["good", "bad", "film", "plot", "long", "very"], size=12)) for _ in range(16)]
-table = pa.table({"text": texts, "label": pa.array([i % 2 for i in range(16)], pa.int64()),
-                  "source_index": pa.array(np.arange(16), pa.int64())})
+texts = [" ".join(rng.choice(["good", "bad", "film", "plot", "long", "very"], size=12)) for _ in range(n)]
+table = pa.table({"text": texts, "label": pa.array([i % 2 for i in range(n)], pa.int64()),
+                  "source_index": pa.array(np.arange(n), pa.int64())})
 stage = Stage(name="lora", model=ModelSpec(source=model_dir, num_labels=2,
                                            lora=LoraSpec(r=16, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj"))),
               phases=(Phase("train", CrossEntropy()),),
@@ -83,9 +83,9 @@ def random_llama(dest: Path, tokenizer_dir: str) -> Path:
     return dest
 
 
-def measure(src: Path, model_dir: Path, work: Path, precision: str) -> dict:
+def measure(src: Path, model_dir: Path, work: Path, precision: str, rows: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src), "RAY_ADDRESS": ""}
-    proc = subprocess.run([sys.executable, "-c", ONE_RUN, str(model_dir), str(work), precision], env=env,
+    proc = subprocess.run([sys.executable, "-c", ONE_RUN, str(model_dir), str(work), precision, str(rows)], env=env,
                           capture_output=True,
                           text=True, timeout=3600)
     if proc.returncode != 0:
@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "llama-1b"])
     ap.add_argument("--work", default=str(HERE / "work" / "zero3_memory"))
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--rows", type=int, default=16, help="training rows (batch 2 per worker: rows/4 steps each)")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE.parent / "src"))
     from kdshield.models import count_parameters, resolve_model
@@ -113,15 +114,18 @@ def main() -> None:
         fp32_mb = params * 4 / 2**20
         row = {"model": name, "parameters": params, "fp32_copy_mb": round(fp32_mb)}
         for code, src in (("before", Path(args.before_src)), ("after", HERE.parent / "src")):
-            m = measure(src.resolve(), model_dir, work / f"{name}-{code}", args.precision)
+            m = measure(src.resolve(), model_dir, work / f"{name}-{code}", args.precision, args.rows)
             peak = max(m["peak_rss_mb_per_rank"])
             row[code] = {**m, "worker_peak_mb": round(peak), "peak_over_fp32_copy": round(peak / fp32_mb, 3)}
             print(name, code, row[code], flush=True)
         rows.append(row)
     RESULTS.mkdir(exist_ok=True)
+    store = RESULTS / "zero3_memory.json"
+    if store.is_file():  # rows of models not measured in this run stay
+        rows = [r for r in json.loads(store.read_text())["rows"] if r["model"] not in args.models] + rows
     record = {"command": " ".join(["python", "benchmarks/zero3_memory.py", *sys.argv[1:]]),
               "setup": f"ZeRO-3, 2 workers x 1 CPU, {args.precision}, LoRA r 16 on q_proj/v_proj, batch 2 x 32 "
-                       "tokens, 4 steps per worker",
+                       f"tokens, {args.rows // 4} step(s) per worker",
               "machine": f"{os.cpu_count()} CPUs, no GPU", "rows": rows}
     (RESULTS / "zero3_memory.json").write_text(json.dumps(record, indent=2) + "\n")
     lines = ["# Per-worker peak memory at ZeRO-3, 2 workers: whole-model vs partitioned loading", "",

@@ -108,7 +108,9 @@ def wrap_lora(model, spec: LoraSpec):
     """``model`` wrapped in a peft LoRA model: base weights frozen, adapters (and head) trainable."""
     from peft import get_peft_model
 
-    return get_peft_model(model, spec.peft_config())
+    # adapters in the base's dtype (peft would upcast them to fp32): a bf16 base under ZeRO-3 needs
+    # one dtype for every parameter it partitions; DeepSpeed keeps fp32 master weights itself
+    return get_peft_model(model, spec.peft_config(), autocast_adapter_dtype=False)
 
 
 def save_adapter(peft_model, out_dir: str | os.PathLike) -> Path:
