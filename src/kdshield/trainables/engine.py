@@ -427,17 +427,11 @@ def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int, runtim
     torch.manual_seed(train.seed)
     spec, model, tokenizer = stage.model, None, None
     ds_config = deepspeed_config(train, scaling)
-    partitioned = None
     if spec is not None:
-        if scaling.zero == 3 and spec.keep_layers is None and spec.init == "pretrained":
-            # from_pretrained builds the model under deepspeed.zero.Init and loads the safetensors
-            # shards into the partitions: a worker never holds the whole model (alive until
-            # deepspeed.initialize has taken the model over)
-            from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
-
-            partitioned = HfDeepSpeedConfig(ds_config)
-            if not is_deepspeed_zero3_enabled():  # transformers' glue needs accelerate (peft brings it)
-                raise RuntimeError("ZeRO-3 partitioned loading is unavailable: install accelerate")
+        # Whole, in the training dtype. Loading under deepspeed.zero.Init through transformers'
+        # glue was measured worse (benchmarks/results/zero3_memory.md: a 1.1B LLaMA, rank 0 peaks
+        # at 6.1 GB against 3.3 GB whole, since the glue reads and gathers every weight through
+        # rank 0); what would help is each rank reading only its partition from the safetensors.
         model, tokenizer = load_classifier(spec.source, spec.num_labels, attn_implementation=spec.attn_implementation,
                                            keep_layers=spec.keep_layers, init=spec.init,
                                            dtype=torch.bfloat16 if scaling.bf16 else torch.float32)
@@ -457,7 +451,6 @@ def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int, runtim
         optimizer, _linear_schedule(total_steps, int(train.warmup_ratio * total_steps)))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
-    del partitioned  # later loads in this process (a live teacher, an export) are whole models again
     if world == 1 and scaling.zero == 0:
         engine.enable_backward_allreduce = False  # an all-reduce over one rank only copies gradients
     gc.collect()
