@@ -295,6 +295,7 @@ def test_quiet_by_default_and_verbose_on_request(monkeypatch, capsys):
 
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
     assert not verbose() and not transformers.utils.logging.is_progress_bar_enabled()
+    assert transformers.utils.logging.get_verbosity() == transformers.utils.logging.ERROR  # no LOAD REPORT tables
     notice = logging.LogRecord("ray", logging.WARNING, "", 0, "Token authentication is enabled for this Ray "
                                "cluster. Set RAY_AUTH_MODE=disabled to opt out.", None, None)
     failure = logging.LogRecord("ray", logging.WARNING, "", 0, "Token authentication is enabled but the "

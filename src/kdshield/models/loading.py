@@ -26,10 +26,11 @@ from kdshield.errors import InputError
 from kdshield.models.presets import resolve_model
 from kdshield.outputs import verbose
 
-if not verbose():  # a bar per model load ("Loading weights" 105/105) tells nobody anything
+if not verbose():  # a bar and a "LOAD REPORT" table per model load tell a user nothing they can act on
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()  # as Ray workers get it (TRANSFORMERS_VERBOSITY)
 
 #: Suffixes of weight files that are Python pickles (loading one can execute code).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
