@@ -181,6 +181,67 @@ def test_experiment_refuses_bad_settings_before_ray(capsys, monkeypatch):
     assert "min_workers=3 is above max_workers=2" in capsys.readouterr().err
 
 
+@pytest.fixture
+def no_cluster(monkeypatch):
+    import kdshield.cluster.experiment as experiment
+
+    monkeypatch.setattr(experiment, "LocalAutoscalingCluster", lambda *a, **k: pytest.fail("a cluster started"))
+
+
+def _experiment_yaml(tmp_path, search: dict, **cluster) -> str:
+    path = tmp_path / "experiment.yaml"
+    path.write_text(yaml.safe_dump({"search": search, "node_cpus": 1, "max_workers": 2, **cluster}))
+    return str(path)
+
+
+@pytest.mark.parametrize("search, cluster, expected", [
+    ({"method": "nad", "run": "no/such/run"}, {}, "no/such/run"),
+    ({"method": "nope", "run": "x"}, {}, "nope"),
+    ({"method": "nad", "run": "RUN", "fixed": {"beta": -1}}, {}, "beta"),
+    ({"method": "nad", "run": "RUN", "scaling": {"cpus_per_worker": 2}}, {}, "a worker needs 2 CPUs"),
+    ({"method": "nad", "run": "RUN", "num_samples": 0}, {}, "num_samples"),
+    ({"method": "nad", "run": "RUN"}, {"min_workers": 3}, "min_workers=3 is above max_workers=2"),
+])
+def test_experiment_refuses_a_bad_search_load_before_any_cluster(search, cluster, expected, tmp_path, capsys,
+                                                                  no_cluster):
+    from kdshield.datasets.toy import write_toy_run
+
+    run = write_toy_run(tmp_path / "run", "tiny-bert", metrics={"cacc": 50.0, "asr": 50.0})
+    search = {k: (str(run) if v == "RUN" else v) for k, v in search.items()}
+    code = main(["cluster", "experiment", "--out", str(tmp_path / "exp"),
+                 "--config", _experiment_yaml(tmp_path, search, **cluster)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("kdshield: error: ") and expected in err[0], err
+    assert not (tmp_path / "exp").exists()
+
+
+def test_experiment_search_load_runs_as_many_trials_at_once_as_the_full_cluster_holds(tmp_path):
+    from kdshield.cluster.experiment import ExperimentSettings
+
+    settings = ExperimentSettings(search={"method": "nad", "run": "r", "num_samples": 8,
+                                          "scaling": {"cpus_per_worker": 2}}, node_cpus=4, max_workers=3)
+    job = settings.tune_job(tmp_path / "s", "127.0.0.1:6379")
+    assert job.max_concurrent == 6 and job.scaling.address == "127.0.0.1:6379"
+    assert job.cache == str(tmp_path / "s" / "cache")  # its own cache: the two clusters share no stage
+    few = ExperimentSettings(search={"method": "nad", "run": "r", "num_samples": 2}, node_cpus=4, max_workers=3)
+    assert few.tune_job(tmp_path / "s").max_concurrent == 2
+
+
+def test_node_seconds_count_worker_nodes_until_the_scale_down():
+    from kdshield.cluster.experiment import node_seconds, summarise
+
+    def at(t, nodes):
+        return {"t": t, "worker_nodes": nodes, "running_trials": 0, "pending_cpus": 0}
+
+    samples = [at(-1, 0), at(0, 0), at(4, 1), at(10, 2), at(30, 1), at(40, 0), at(50, 0)]
+    assert node_seconds(samples, until=50) == 6 * 1 + 20 * 2 + 10 * 1
+    assert node_seconds(samples, until=20) == 6 * 1 + 10 * 2
+    summary = summarise(samples, start_nodes=0, max_workers=2, search_end=35)
+    assert summary["node_seconds"] == 56 and summary["time_to_scale_down_after_search_s"] == 5
+    fixed = summarise([at(0, 2), at(10, 2), at(25, 2)], start_nodes=2, max_workers=2, search_end=20)
+    assert fixed["node_seconds"] == 40  # a standing cluster costs its nodes for the whole search
+
+
 # -- the engine refuses an impossible plan before training ----------------------------------------
 
 @pytest.mark.ray

@@ -240,10 +240,14 @@ def cmd_cluster_render(args: argparse.Namespace) -> int:
 def cmd_cluster_experiment(args: argparse.Namespace) -> int:
     from kdshield.cluster.experiment import ExperimentSettings, run_experiment
 
-    values = _picked(args, ["trials", "trial_seconds", "cpus_per_trial", "node_cpus", "min_workers", "max_workers",
-                            "idle_timeout_minutes"])
+    values = _merge(load_yaml(args.config) if args.config else {},
+                    _picked(args, ["trials", "trial_seconds", "cpus_per_trial", "node_cpus", "min_workers",
+                                   "max_workers", "idle_timeout_minutes", "upscaling_speed", "compare_fixed"]))
     settings = parse_settings(ExperimentSettings, values, source="cluster experiment")
-    run_experiment(settings, args.out)
+    record = run_experiment(settings, args.out)
+    for name, cost in record.get("cost", {}).items():
+        if isinstance(cost, dict):
+            print(f"{name} cluster: {cost['node_seconds']:.0f} node-seconds, {cost['wall_s']:.0f} s wall")
     print(f"timeline written to {args.out}/timeline.json and timeline.png")
     return 0
 
@@ -262,15 +266,22 @@ def _add_cluster(sub) -> None:
     render.add_argument("--set", action="append", metavar="KEY=VALUE", help="a template setting (repeatable)")
     render.set_defaults(func=cmd_cluster_render)
 
-    exp = csub.add_parser("experiment", help="Ray's autoscaler (fake_multinode) under a Tune search, timeline")
+    exp = csub.add_parser("experiment", help="Ray's autoscaler (fake_multinode) under a search: timeline and "
+                                             "cost against a fixed cluster")
     exp.add_argument("--out", required=True, help="directory for timeline.json and timeline.png")
-    exp.add_argument("--trials", type=int, help="trials of the search (default 8)")
-    exp.add_argument("--trial-seconds", type=float, help="seconds each trial holds its CPUs (default 20)")
-    exp.add_argument("--cpus-per-trial", type=int, help="default 1")
+    exp.add_argument("--config", help="EXPERIMENT.yaml: the cluster settings below and `search:` (kdshield tune "
+                                      "settings: a real defense search as the load); flags override it")
+    exp.add_argument("--trials", type=int, help="without search: sleep trials of the load (default 8)")
+    exp.add_argument("--trial-seconds", type=float, help="without search: seconds each trial holds its CPUs "
+                                                         "(default 20)")
+    exp.add_argument("--cpus-per-trial", type=int, help="without search: CPUs each sleep trial holds (default 1)")
     exp.add_argument("--node-cpus", type=int, help="CPUs of each added node (default 2)")
     exp.add_argument("--min-workers", type=int, help="worker nodes to start with (default 0)")
     exp.add_argument("--max-workers", type=int, help="most worker nodes (default 3)")
     exp.add_argument("--idle-timeout-minutes", type=float, help="idle time before removal (default 0.1)")
+    exp.add_argument("--upscaling-speed", type=float, help="nodes added at once per node there is (default 1)")
+    exp.add_argument("--no-fixed", dest="compare_fixed", action="store_const", const=False,
+                     help="skip the same load on a fixed cluster of max-workers nodes")
     exp.set_defaults(func=cmd_cluster_experiment)
 
 

@@ -473,7 +473,7 @@ def _max_t(space) -> int:
     return int(space.fixed.get(name, space.spec.config.model_fields[name].default)) + 1
 
 
-def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: int = 0):
+def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: int = 0, callbacks=()):
     """The Tuner of this search: new, restored from OUT/tune, or continuing the study."""
     import optuna
     from ray import tune
@@ -515,7 +515,7 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
                                     num_samples=max(1, job.num_samples - completed),
                                     max_concurrent_trials=concurrent, reuse_actors=False),
         run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=str(out), verbose=1 if verbose() else 0,
-                                      callbacks=[] if verbose() else [_progress(job, completed)],
+                                      callbacks=[*callbacks, *([] if verbose() else [_progress(job, completed)])],
                                       failure_config=ray.tune.FailureConfig(max_failures=job.trial_retries)))
 
 
@@ -572,8 +572,9 @@ def study_trials(url: str, name: str) -> list:
         return []
 
 
-def run_tune(job: TuneJob) -> dict[str, Any]:
-    """Validate, plan, probe once, search; returns a summary (also ``OUT/summary.json``)."""
+def run_tune(job: TuneJob, *, callbacks=()) -> dict[str, Any]:
+    """Validate, plan, probe once, search; returns a summary (also ``OUT/summary.json``).
+    ``callbacks``: more Tune callbacks (the autoscaling experiment counts running trials with one)."""
     check_writable(Path(job.out))  # first, as defend does: not after the probe's minutes of work
     space, template, probe = validate(job)
     identity = job.identity(space)
@@ -612,10 +613,11 @@ def run_tune(job: TuneJob) -> dict[str, Any]:
                 val_fraction=job.val_fraction, probe_n=job.probe_n, seed=job.seed,
                 triggered_rows=job.triggered_eval_rows if job.measures_asr() else 0,
                 canary=job.canary(probe.max_length, probe.batch_size))
+    errors: list = []
     if mode == "study" and completed >= job.num_samples:
         say(f"study {study_name!r} already has {completed} finished trial(s); nothing to do")
     else:
-        tuner = build_tuner(job, space, mode=mode, concurrent=concurrent, completed=completed)
+        tuner = build_tuner(job, space, mode=mode, concurrent=concurrent, completed=completed, callbacks=callbacks)
         say(f"searching {job.method}: {job.num_samples} trial(s), objective {job.objective} "
             f"({job.sampler_name()}{', ASHA on ' + job.scheduler_metric() if job.scheduler == 'asha' else ''}), "
             f"{concurrent} at a time; study {study_name!r} in {redact_url(job.storage_url())}")
@@ -623,7 +625,7 @@ def run_tune(job: TuneJob) -> dict[str, Any]:
         errors = [r.error for r in grid if r.error is not None]
         if errors:
             say(f"{len(errors)} trial(s) failed; first error: {str(errors[0]).splitlines()[0][:300]}")
-    summary = summarize(out, Path(_cache_dir(job)))
+    summary = {**summarize(out, Path(_cache_dir(job))), "failed_trials": len(errors)}
     write_json(out / "summary.json", summary)
     return summary
 
