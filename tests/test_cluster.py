@@ -215,6 +215,15 @@ def test_experiment_refuses_a_bad_search_load_before_any_cluster(search, cluster
     assert not (tmp_path / "exp").exists()
 
 
+def test_experiment_never_replaces_a_directory_kdshield_did_not_write(tmp_path, capsys, no_cluster):
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["cluster", "experiment", "--out", str(out), "--trials", "4"]) == 2
+    assert "not a directory kdshield wrote" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_experiment_search_load_runs_as_many_trials_at_once_as_the_full_cluster_holds(tmp_path):
     from kdshield.cluster.experiment import ExperimentSettings
 

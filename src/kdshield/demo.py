@@ -3,10 +3,15 @@
 Builds the Rotten Tomatoes corpus, keeps a small seeded subset, implants a BadNet backdoor into
 the packaged MiniLM with Ray Train + DeepSpeed, defends it with BeDKD, and prints a before/after
 table (CACC, ASR, FAR, FRR, seconds) and writes it as a PNG bar chart.
+
+``--out`` is a workspace of outputs that are each staged and published whole (the corpus, the
+subset's files, the RUN, the defense, the chart), not one directory published at the end: a
+demo cut off after its five-minute attack resumes from the published RUN instead of redoing it.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +61,9 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
     ax.set_title("BadNet backdoor in MiniLM, before and after BeDKD", fontsize=10)
     ax.legend(loc="upper right", fontsize=8, ncols=3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}.png")
+    fig.savefig(partial, dpi=120)
+    os.replace(partial, path)  # readers see the old chart or the new one
     return path
 
 

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from kdshield.cluster.connect import connect
 from kdshield.cluster.local import LocalAutoscalingCluster, wait_for
 from kdshield.errors import InputError
+from kdshield.outputs import check_replaceable, check_writable, staged
 
 NODE_TYPE = "cpu_worker"
 
@@ -254,33 +255,34 @@ def plot_timeline(runs: dict[str, dict[str, Any]], path: Path, title: str) -> No
 
 
 def run_experiment(settings: ExperimentSettings, out: str | Path, *, log=print) -> dict[str, Any]:
-    """Run the experiment; write ``OUT/timeline.{json,png}``; return the JSON record."""
+    """Run the experiment; write ``OUT/timeline.{json,png}`` (``OUT`` built beside it and published
+    whole when the experiment ends; it may replace only a directory kdshield wrote); return the record."""
     import ray
 
     out = Path(out).resolve()
     if ray.is_initialized():
         raise RuntimeError("run_experiment starts its own cluster: call ray.shutdown() first")
+    check_writable(out)
+    check_replaceable(out, what="cluster experiment replaces", own=("timeline.*", "tune", "autoscaling", "fixed"))
     if settings.search is not None:  # every check that needs no cluster, before one starts
         from kdshield.trainables.tune import validate
 
-        for name in ("autoscaling", "fixed"):
-            if (out / name).exists():
-                raise InputError(f"{out / name}: exists; choose another --out")
         validate(settings.tune_job(out / "autoscaling"))
-    out.mkdir(parents=True, exist_ok=True)
-    runs = {"autoscaling": _one_cluster(settings, out / "autoscaling", settings.min_workers, log)}
-    if settings.compare_fixed:
-        runs["fixed"] = _one_cluster(settings, out / "fixed", settings.max_workers, log)
-    load = (f"{settings.search['method']} search" if settings.search is not None else "sleep-trial search")
-    record = {"settings": settings.model_dump(), "load": load, **runs["autoscaling"]}
-    if "fixed" in runs:
-        record["fixed"] = runs["fixed"]
-        record["cost"] = {name: {"node_seconds": run["summary"]["node_seconds"],
-                                 "wall_s": run["summary"]["search_seconds"]} for name, run in runs.items()}
-        record["cost"]["node_seconds_ratio"] = round(
-            runs["autoscaling"]["summary"]["node_seconds"] / max(runs["fixed"]["summary"]["node_seconds"], 1e-9), 3)
-    (out / "timeline.json").write_text(json.dumps(record, indent=1))
-    plot_timeline(runs, out / "timeline.png", f"Ray autoscaler (fake_multinode) under a {load}")
+    with staged(out) as work:
+        runs = {"autoscaling": _one_cluster(settings, work / "autoscaling", settings.min_workers, log)}
+        if settings.compare_fixed:
+            runs["fixed"] = _one_cluster(settings, work / "fixed", settings.max_workers, log)
+        load = f"{settings.search['method']} search" if settings.search is not None else "sleep-trial search"
+        record = {"settings": settings.model_dump(), "load": load, **runs["autoscaling"]}
+        if "fixed" in runs:
+            record["fixed"] = runs["fixed"]
+            record["cost"] = {name: {"node_seconds": run["summary"]["node_seconds"],
+                                     "wall_s": run["summary"]["search_seconds"]} for name, run in runs.items()}
+            record["cost"]["node_seconds_ratio"] = round(
+                runs["autoscaling"]["summary"]["node_seconds"] / max(runs["fixed"]["summary"]["node_seconds"], 1e-9),
+                3)
+        (work / "timeline.json").write_text(json.dumps(record, indent=1))
+        plot_timeline(runs, work / "timeline.png", f"Ray autoscaler (fake_multinode) under a {load}")
     return record
 
 
