@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdshield.cli import main
+from kdshield.datasets import read_table
 
 
 def write(path: Path, table: pa.Table) -> str:
@@ -118,6 +119,35 @@ def test_attack_end_to_end_writes_a_run(files, tmp_path, capsys, ray_local):
     assert main(attack_args(files, out, "--epochs", "6", "--lr", "2e-3", "--batch-size", "8",
                             "--poison-rate", "0.2", "--workers", "2", "--zero", "2")) == 0
     assert "nothing to do" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_a_streamed_attack_writes_the_same_run_as_one_held_in_the_driver(tmp_path, capsys, ray_local, monkeypatch):
+    """A directory of shards, through Ray Data end to end (as an input too large for the driver is),
+    gives the very RUN the in-process path gives: the same rows, poisoned alike, and (the same
+    batches in the same order) the same model and metrics."""
+    import kdshield.trainables.attack as attack
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    whole = sentiment(150)
+    for k in range(3):
+        write(shards / f"part-{k}.parquet", whole.slice(50 * k, 50))
+    test = write(tmp_path / "test.parquet", sentiment(40, offset=1000))
+    args = ["--epochs", "1", "--batch-size", "16", "--set", "training.max_steps_per_epoch=4"]
+    assert main(attack_args({"train": str(shards), "test": test}, tmp_path / "held", *args)) == 0
+    monkeypatch.setattr(attack, "IN_DRIVER_ROWS", 0)
+    assert main(attack_args({"train": str(shards), "test": test}, tmp_path / "streamed", *args)) == 0
+    held, streamed = tmp_path / "held", tmp_path / "streamed"
+    assert (streamed / "data" / "train.parquet").is_dir() and (held / "data" / "train.parquet").is_file()
+    for name in ("train", "dev", "test", "test_triggered"):
+        a, b = read_table(held / "data" / f"{name}.parquet"), read_table(streamed / "data" / f"{name}.parquet")
+        assert a.sort_by("source_index").equals(b.sort_by("source_index")), name
+    assert read_table(held / "data" / "train.parquet").column("poisoned").to_numpy().sum() > 0
+    assert not (streamed / ".input").exists()
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (held, streamed))
+    assert len(m1["history"]) == 1 and m1["history"][0]["train/loss"] == m2["history"][0]["train/loss"]
+    assert (m1["cacc"], m1["asr"]) == (m2["cacc"], m2["asr"])
 
 
 @pytest.mark.parametrize("setting, expected", [

@@ -9,6 +9,7 @@ import zipfile
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
@@ -69,14 +70,18 @@ def _collect(ds) -> pa.Table:
     return pa.concat_tables(blocks).sort_by("source_index")
 
 
-def _write_hf_dir(path, table):
-    """A Dataset.save_to_disk directory written by hand (Arrow IPC stream + state.json)."""
+def _write_hf_dir(path, table, files=1):
+    """A Dataset.save_to_disk directory written by hand (Arrow IPC streams + state.json)."""
     path.mkdir(parents=True)
-    with pa.OSFile(str(path / "data-00000-of-00001.arrow"), "wb") as sink:
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
+    names = [f"data-{k:05d}-of-{files:05d}.arrow" for k in range(files)]
+    step = -(-table.num_rows // files)
+    for k, name in enumerate(names):
+        with pa.OSFile(str(path / name), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as writer:
+                for batch in table.slice(k * step, step).to_batches(max_chunksize=5):
+                    writer.write_batch(batch)
     (path / "state.json").write_text(json.dumps({
-        "_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_fingerprint": "x",
+        "_data_files": [{"filename": n} for n in names], "_fingerprint": "x",
         "_format_type": None, "_split": None}))
     (path / "dataset_info.json").write_text(json.dumps({"features": {}}))
     return path
@@ -97,29 +102,116 @@ def _expected():
                      "source_index": pa.array(range(len(TEXTS)), pa.int64())})
 
 
+def _write_format(directory, fmt, raw, name="d"):
+    """``raw`` (text/sentence, label, ...) written in ``fmt``; its path."""
+    if fmt == "parquet":
+        path = directory / f"{name}.parquet"
+        pq.write_table(raw, path)
+    elif fmt == "csv":
+        path = directory / f"{name}.csv"
+        pacsv.write_csv(raw, path)
+    elif fmt == "jsonl":
+        path = directory / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in raw.to_pylist()))
+    elif fmt == "json-array":
+        path = directory / f"{name}.json"
+        path.write_text(json.dumps(raw.to_pylist()))
+    else:
+        path = _write_hf_dir(directory / name, raw)
+    return path
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl", "json-array", "hf"])
 def test_every_reader_normalizes_to_the_schema(tmp_path, fmt):
     raw = pa.table({"sentence" if fmt == "jsonl" else "text": TEXTS,
                     "label": [str(v) for v in LABELS] if fmt == "csv" else LABELS,
                     "extra": list(range(len(TEXTS)))})
-    if fmt == "parquet":
-        path = tmp_path / "d.parquet"
-        pq.write_table(raw, path)
-    elif fmt == "csv":
-        path = tmp_path / "d.csv"
-        lines = ["text,label,extra"] + [f'"{t}",{lab},{i}' for i, (t, lab) in
-                                        enumerate(zip(TEXTS, LABELS))]
-        path.write_text("\n".join(lines) + "\n")
-    elif fmt == "jsonl":
-        path = tmp_path / "d.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in raw.to_pylist()))
-    elif fmt == "json-array":
-        path = tmp_path / "d.json"
-        path.write_text(json.dumps(raw.to_pylist()))
-    else:
-        path = _write_hf_dir(tmp_path / "hf", raw)
-    table = read_table(path, num_labels=2)
+    table = read_table(_write_format(tmp_path, fmt, raw), num_labels=2)
     assert table.equals(_expected()), table.to_pylist()
+
+
+# ----------------------------------------------------------------------------- streaming
+
+@pytest.fixture
+def small_batches(monkeypatch):
+    """Streaming reads in tiny batches and blocks, so a small file is many batches."""
+    from kdshield.datasets import sources
+
+    monkeypatch.setattr(sources, "_SCAN_BATCH_ROWS", 7)
+    monkeypatch.setattr(sources, "_SCAN_BLOCK_BYTES", 256)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl", "hf"])
+def test_a_scan_streams_every_format_and_a_directory_of_shards_into_the_same_rows(tmp_path, fmt, small_batches):
+    """Three shards of one format, read batch by batch: the spool holds exactly the rows read_table
+    reads (rows numbered across the shards), and the driver keeps only labels and row ids."""
+    from kdshield.datasets.sources import iter_raw_batches, scan_input
+
+    whole = _sentiment_table(90, seed=3).drop_columns(["source_index"])
+    shards = tmp_path / "shards"
+    if fmt == "hf":  # a save_to_disk directory of three Arrow files
+        _write_hf_dir(shards, whole, files=3)
+    else:
+        shards.mkdir()
+        for k in range(3):
+            _write_format(shards, fmt, whole.slice(30 * k, 30), name=f"part-{k}")
+    assert len(list(iter_raw_batches(shards))) > 3  # more batches than shards: it streamed
+    scanned = scan_input(shards, tmp_path / "spool", shard_rows=40)
+    expected = read_table(shards)
+    assert expected.num_rows == 90 and expected.column("source_index").to_pylist() == list(range(90))
+    spooled = pa.concat_tables(pq.read_table(f) for f in scanned.files())
+    assert spooled.equals(expected)
+    assert len(scanned.files()) > 1  # spooled in bounded shards too
+    assert scanned.labels.tolist() == expected.column("label").to_pylist()
+    assert scanned.source_index.tolist() == list(range(90)) and scanned.num_labels() == 2
+
+
+def test_a_scan_names_the_shard_and_row_of_the_first_bad_row(tmp_path, small_batches):
+    from kdshield.datasets.sources import scan_input
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    pq.write_table(pa.table({"text": ["a"] * 20, "label": [0, 1] * 10}), shards / "part-0.parquet")
+    pq.write_table(pa.table({"text": ["b"] * 20, "label": [0] * 15 + [None] + [1] * 4}), shards / "part-1.parquet")
+    with pytest.raises(InputError, match=r"part-1\.parquet: column 'label' has 1 null value\(s\), first at row 35"):
+        scan_input(shards, tmp_path / "spool")
+    scanned = scan_input(shards / "part-0.parquet", tmp_path / "spool0")
+    with pytest.raises(InputError, match=r"label 1 is out of range for 1 labels \(row 1;"):
+        scanned.check_labels(1)
+    pq.write_table(pa.table({"text": ["c", "d"], "label": [0, 1], "source_index": [5, 5]}), tmp_path / "dup.parquet")
+    with pytest.raises(InputError, match="duplicate values"):
+        scan_input(tmp_path / "dup.parquet", tmp_path / "spool2")
+
+
+def test_a_scan_holds_a_bounded_amount_of_arrow_memory_whatever_the_input_size(tmp_path):
+    """In fresh processes (Arrow's memory pool counts from zero there): scanning 40 shards of 5,000
+    rows peaks no higher than scanning 10 of them, and far below reading the 40 whole."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.mkdir()
+    large.mkdir()
+    for k in range(40):
+        chars = rng.integers(ord("a"), ord("z"), size=(5000, 200), dtype=np.uint8)
+        texts = [row.tobytes().decode() for row in chars]
+        pq.write_table(pa.table({"text": texts, "label": rng.integers(0, 2, 5000)}), large / f"part-{k:02d}.parquet")
+        if k < 10:
+            (small / f"part-{k:02d}.parquet").symlink_to(large / f"part-{k:02d}.parquet")
+    probe = ("import sys, pyarrow as pa; from kdshield.datasets.sources import scan_input, read_table; "
+             "scan_input(sys.argv[2], sys.argv[3]) if sys.argv[1] == 'scan' else read_table(sys.argv[2]); "
+             "print(pa.default_memory_pool().max_memory())")
+
+    def peak(how, data):
+        proc = subprocess.run([sys.executable, "-c", probe, how, str(data), str(tmp_path / f"spool-{how}-{data.name}")],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return int(proc.stdout.split()[-1])
+
+    scan_small, scan_large, whole = peak("scan", small), peak("scan", large), peak("whole", large)
+    assert whole > 40e6  # 200,000 rows of 200 characters
+    assert scan_large < 1.25 * scan_small and scan_large < whole / 3, (scan_small, scan_large, whole)
 
 
 def test_optional_columns_are_kept_in_order_and_labels_coerced():

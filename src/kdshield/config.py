@@ -23,6 +23,19 @@ M = TypeVar("M", bound=BaseModel)
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    # settings added after job records were first written: left out of dumps while at their
+    # defaults, so records (and the RUNs, cached stages and results they identify) written before
+    # them still match
+    _LATE_DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        data = handler(self)
+        for key, default in self._LATE_DEFAULTS.items():
+            if data.get(key, default) == default:
+                data.pop(key, None)
+        return data
+
 
 class ScalingSettings(_Settings):
     """Where and how wide a job runs."""
@@ -48,17 +61,8 @@ class ScalingSettings(_Settings):
         "DeepSpeed ZeRO-Offload from GPU to CPU memory: the optimizer state (ZeRO 1-3), and the "
         "parameters too (ZeRO 3)"))
 
-    # settings added after job records were first written: left out of dumps while at their
-    # defaults, so records (and the RUNs and results they identify) written before them still match
-    _LATE_DEFAULTS: ClassVar[dict[str, Any]] = {"in_process": None, "grad_accum": 1, "gradient_checkpointing": False, "offload": "none"}
-
-    @model_serializer(mode="wrap")
-    def _dump(self, handler):
-        data = handler(self)
-        for key, default in self._LATE_DEFAULTS.items():
-            if data.get(key, default) == default:
-                data.pop(key, None)
-        return data
+    _LATE_DEFAULTS: ClassVar[dict[str, Any]] = {"in_process": None, "grad_accum": 1, "gradient_checkpointing": False,
+                                                "offload": "none"}
 
     @model_validator(mode="after")
     def _offload_needs(self):
@@ -101,6 +105,11 @@ class TrainSettings(_Settings):
         60.0, ge=0, description="checkpoint after an epoch only when this long has passed since the last "
                                 "one (0: every epoch); the final epoch always writes the model")
     seed: int = Field(0, description="seed of shuffling, sampling and initialisation")
+    max_steps_per_epoch: int | None = Field(None, ge=1, description=(
+        "end each phase's pass over its stream after this many micro-batches per worker (smoke runs, "
+        "benchmarks on large data); None: the whole stream"))
+
+    _LATE_DEFAULTS: ClassVar[dict[str, Any]] = {"max_steps_per_epoch": None}
 
 
 def _format_error(source: str, err: ValidationError) -> str:

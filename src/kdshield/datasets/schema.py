@@ -41,7 +41,7 @@ def _first_true(mask: pa.ChunkedArray | pa.Array) -> int:
     return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))[0])
 
 
-def _text_column(table: pa.Table, name: str) -> pa.ChunkedArray:
+def _text_column(table: pa.Table, name: str, base: int = 0) -> pa.ChunkedArray:
     for candidate in (TEXT, *TEXT_ALIASES):
         if candidate in table.column_names:
             col = table.column(candidate)
@@ -53,20 +53,21 @@ def _text_column(table: pa.Table, name: str) -> pa.ChunkedArray:
         col = col.cast(col.type.value_type)
     if col.null_count:
         raise InputError(f"{name}: column '{TEXT}' has {col.null_count} null value(s), "
-                         f"first at row {_first_true(pc.is_null(col))}")
+                         f"first at row {base + _first_true(pc.is_null(col))}")
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)
             or pa.types.is_null(col.type)):  # null type: an empty column of unknown type
         raise InputError(f"{name}: column '{TEXT}' must hold strings, not {col.type}")
     return col.cast(pa.string())
 
 
-def _integer_column(col: pa.ChunkedArray, column: str, name: str) -> pa.ChunkedArray:
-    """``col`` as int64, refusing nulls, fractional floats and non-integer strings."""
+def _integer_column(col: pa.ChunkedArray, column: str, name: str, base: int = 0) -> pa.ChunkedArray:
+    """``col`` as int64, refusing nulls, fractional floats and non-integer strings (rows in messages
+    numbered from ``base``: the column's first row in the whole input)."""
     if pa.types.is_dictionary(col.type):
         col = col.cast(col.type.value_type)
     if col.null_count:
         raise InputError(f"{name}: column '{column}' has {col.null_count} null value(s), "
-                         f"first at row {_first_true(pc.is_null(col))}")
+                         f"first at row {base + _first_true(pc.is_null(col))}")
     t = col.type
     if pa.types.is_integer(t) or pa.types.is_boolean(t) or pa.types.is_null(t):
         return col.cast(pa.int64())
@@ -75,7 +76,7 @@ def _integer_column(col: pa.ChunkedArray, column: str, name: str) -> pa.ChunkedA
         if pc.any(bad).as_py():
             row = _first_true(bad)
             raise InputError(f"{name}: column '{column}' must hold integers; "
-                             f"row {row} holds {col[row].as_py()!r}")
+                             f"row {base + row} holds {col[row].as_py()!r}")
         return col.cast(pa.int64())
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         trimmed = pc.utf8_trim_whitespace(col)
@@ -83,17 +84,17 @@ def _integer_column(col: pa.ChunkedArray, column: str, name: str) -> pa.ChunkedA
         if pc.any(bad).as_py():
             row = _first_true(bad)
             raise InputError(f"{name}: column '{column}' must hold integers; "
-                             f"row {row} holds {col[row].as_py()!r}")
+                             f"row {base + row} holds {col[row].as_py()!r}")
         return trimmed.cast(pa.int64())
     raise InputError(f"{name}: column '{column}' must hold integers, not {t}")
 
 
-def _poisoned_column(col: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
+def _poisoned_column(col: pa.ChunkedArray, name: str, base: int = 0) -> pa.ChunkedArray:
     if pa.types.is_boolean(col.type):
         if col.null_count:
             raise InputError(f"{name}: column '{POISONED}' has {col.null_count} null value(s)")
         return col
-    as_int = _integer_column(col, POISONED, name)
+    as_int = _integer_column(col, POISONED, name, base)
     if len(as_int) and not pc.all(pc.is_in(as_int, pa.array([0, 1]))).as_py():
         raise InputError(f"{name}: column '{POISONED}' must be boolean (or 0/1)")
     return as_int.cast(pa.bool_())
@@ -114,21 +115,24 @@ def _normalize(table: pa.Table, *, name: str, num_labels: int | None, row_offset
         _text_column(table, name)  # report a missing text column first, it is the likelier typo
         raise InputError(f"{name}: no '{LABEL}' column; "
                          f"columns are {', '.join(table.column_names)}")
-    text = _text_column(table, name)
-    label = _integer_column(table.column(LABEL), LABEL, name)
+    base = row_offset or 0
+    text = _text_column(table, name, base)
+    label = _integer_column(table.column(LABEL), LABEL, name, base)
     if len(label):
         low, high = pc.min(label).as_py(), pc.max(label).as_py()
         if low < 0:
-            raise InputError(f"{name}: label {low} is negative; labels must be in [0, num_labels)")
+            raise InputError(f"{name}: label {low} is negative (row {base + _first_true(pc.less(label, 0))}); "
+                             "labels must be in [0, num_labels)")
         if num_labels is not None and high >= num_labels:
             raise InputError(f"{name}: label {high} is out of range for {num_labels} labels "
-                             f"(labels must be in [0, {num_labels}))")
+                             f"(row {base + _first_true(pc.greater_equal(label, num_labels))}; "
+                             f"labels must be in [0, {num_labels}))")
     arrays, fields = [text, label], [SCHEMA.field(TEXT), SCHEMA.field(LABEL)]
     if POISONED in table.column_names:
-        arrays.append(_poisoned_column(table.column(POISONED), name))
+        arrays.append(_poisoned_column(table.column(POISONED), name, base))
         fields.append(SCHEMA.field(POISONED))
     if SOURCE_INDEX in table.column_names:
-        index = _integer_column(table.column(SOURCE_INDEX), SOURCE_INDEX, name)
+        index = _integer_column(table.column(SOURCE_INDEX), SOURCE_INDEX, name, base)
         if len(index) and pc.min(index).as_py() < 0:
             raise InputError(f"{name}: column '{SOURCE_INDEX}' must be >= 0")
         if check_unique and pc.count_distinct(index).as_py() != len(index):

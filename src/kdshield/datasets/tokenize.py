@@ -16,6 +16,7 @@ or, without Ray's deprecation warning for plain functions,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,7 @@ TOKEN_MAP = "token_map"
 
 
 class _Tokenize:
-    """Ray Data callable class: one tokenizer per actor, appends ``{prefix}input_ids``."""
+    """Appends ``{prefix}input_ids`` to a batch, with the tokenizer it loaded once."""
 
     def __init__(self, tokenizer_path: str, max_length: int, prefix: str):
         self.tokenizer = load_tokenizer(tokenizer_path)
@@ -71,24 +72,31 @@ def tokenize_table(table: pa.Table, tokenizer_path: str, *, max_length: int = 12
 
 
 def tokenize_dataset(ds: Dataset, tokenizer_path: str, *, max_length: int = 128, prefix: str = "",
-                     batch_size: int = 256, concurrency: int = 1,
+                     batch_size: int = 256, concurrency: int | None = None,
                      num_cpus: float = 1.0) -> Dataset:
     """``ds`` plus an unpadded ``{prefix}input_ids`` column (``list<int32>``, at most
-    ``max_length`` ids, special tokens included), computed by ``concurrency`` actors that
-    each load the tokenizer once. The tokenizer is loaded once on the driver first, so a
-    bad path fails with :class:`InputError` before any Ray work. Lower ``num_cpus`` when
-    training workers already hold every CPU.
+    ``max_length`` ids, special tokens included), computed by Ray Data tasks (at most
+    ``concurrency`` at once; each worker process loads the tokenizer once and keeps it, so no
+    actor pool has to start). The tokenizer is loaded once on the driver first, so a bad path
+    fails with :class:`InputError` before any Ray work. Lower ``num_cpus`` when training workers
+    already hold every CPU.
     """
     if max_length < 1:
         raise InputError(f"max_length must be >= 1, got {max_length}")
     load_tokenizer(tokenizer_path)
-    import ray.data
+    return ds.map_batches(_tokenize_batch, batch_format="pyarrow", batch_size=batch_size, num_cpus=num_cpus,
+                          concurrency=concurrency, fn_kwargs={"tokenizer_path": str(tokenizer_path),
+                                                              "max_length": max_length, "prefix": prefix})
 
-    return ds.map_batches(
-        _Tokenize, batch_format="pyarrow", batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=concurrency),
-        num_cpus=num_cpus, fn_constructor_kwargs={
-            "tokenizer_path": str(tokenizer_path), "max_length": max_length, "prefix": prefix})
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_of(tokenizer_path: str, max_length: int, prefix: str) -> _Tokenize:
+    return _Tokenize(tokenizer_path, max_length, prefix)
+
+
+def _tokenize_batch(batch: pa.Table, *, tokenizer_path: str, max_length: int, prefix: str) -> pa.Table:
+    """Ray Data UDF: :class:`_Tokenize` with the tokenizer this worker process already loaded."""
+    return _tokenizer_of(tokenizer_path, max_length, prefix)(batch)
 
 
 def _sequences(values) -> list[np.ndarray]:

@@ -26,15 +26,14 @@ from kdshield import cluster
 from kdshield.config import ScalingSettings, TrainSettings, _Settings
 from kdshield.datasets import (
     AttackSpec,
-    num_labels_of,
     poison_dataset,
-    read_table,
     select_poison_indices,
     stratified_split,
     tokenize_dataset,
     triggered_test,
-    write_table,
 )
+from kdshield.datasets.schema import SCHEMA
+from kdshield.datasets.sources import natural_order, scan_input, select_rows, write_table
 from kdshield.datasets.attacks import TRIGGER_PRESETS
 from kdshield.datasets.tokenize import tokenize_table
 from kdshield.defenses.losses import CrossEntropy
@@ -108,15 +107,31 @@ def tokenized_stream(table_or_ds, tokenizer_dir: str, max_length: int, *, prefix
     return tokenize_dataset(table_or_ds, tokenizer_dir, max_length=max_length, prefix=prefix).materialize()
 
 
-def _to_table(ds) -> pa.Table:
-    import ray
+def write_dataset(ds, path: Path) -> Path:
+    """``ds`` written by Ray Data as a directory of Parquet shards at ``path``, named in the
+    dataset's order (read back in order by :func:`~kdshield.datasets.read_table`, by
+    ``pyarrow.parquet.read_table`` and by :func:`ray_read`); an empty dataset as one empty shard."""
+    from ray.data import SaveMode
+    from ray.data.datasource import FilenameProvider
 
-    table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-    return table.sort_by("source_index")
+    class ShardNames(FilenameProvider):  # part-TASK-I.parquet: the dataset's order in natural name order
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:06d}"
+
+    # OVERWRITE: ``path`` is new (inside the job's staging directory), so nothing can be overwritten
+    ds.write_parquet(str(path), filename_provider=ShardNames(), mode=SaveMode.OVERWRITE)
+    if not any(path.glob("*.parquet")):
+        path.mkdir(parents=True, exist_ok=True)
+        write_table(SCHEMA.empty_table(), path / "part-000000.parquet")
+    return path
 
 
 def run_attack(job: AttackJob) -> dict:
-    """Run the whole attack job; returns its metrics (also written to RUN/metrics.json)."""
+    """Run the whole attack job; returns its metrics (also written to RUN/metrics.json).
+
+    The inputs stream: each is validated and normalised in one pass of bounded memory (the driver
+    keeps only its labels and row ids), then read, split, poisoned, tokenised and written by Ray
+    Data on the cluster."""
     t0 = time.perf_counter()
     out = Path(job.out).resolve()
     if check_out_dir(out, record="attack.json", config=job.record(), overwrite=job.overwrite):
@@ -125,55 +140,58 @@ def run_attack(job: AttackJob) -> dict:
         return json.loads((out / "metrics.json").read_text())
 
     # -- validation: no Ray yet ---------------------------------------------------------
-    train_tbl = read_table(job.train)
-    test_tbl = read_table(job.test)
-    num_labels = job.num_labels or max(num_labels_of(train_tbl), num_labels_of(test_tbl))
-    train_tbl = read_table(job.train, num_labels=num_labels)
-    test_tbl = read_table(job.test, num_labels=num_labels)
     spec_kwargs = dict(kind=job.attack, num_insertions=job.num_insertions, position=job.position,
                        mode="clean" if job.clean_label else "dirty", poison_rate=job.poison_rate,
                        target_label=job.target_label, seed=job.seed)
     if job.triggers is not None:
         spec_kwargs["triggers"] = job.triggers
     spec = AttackSpec(**spec_kwargs)
-    spec.validate(num_labels)
     model_dir = resolve_model(job.model)
     if Path(model_dir).is_dir():
         check_safe_weights(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    lora = suspect_lora(str(model_dir), job.lora, num_labels) if job.lora else None
-    rest_idx, dev_idx = stratified_split(train_tbl.column("label").to_numpy(), test_fraction=job.dev_fraction,
-                                         seed=job.seed)
-    rest, dev = train_tbl.take(pa.array(rest_idx)), train_tbl.take(pa.array(dev_idx))
-    if rest.num_rows < job.scaling.workers or dev.num_rows == 0:
-        raise InputError(f"{job.train}: too few rows ({train_tbl.num_rows}) to split off a dev set and train")
-    chosen = select_poison_indices(rest.column("label").to_numpy(), spec)
-    chosen_source = rest.column("source_index").to_numpy()[chosen]
-
-    # -- Ray work -------------------------------------------------------------------------
-    import ray.data
-
-    cluster.connect(job.scaling.address)  # looked up now: the one place a job starts Ray
-    scaling = job.scaling.resolved()
-    in_process = trains_in_process(scaling)
-    say(scaling.describe(in_process))
     with staged(out) as stage_dir:
-        say(f"poisoning {len(chosen_source)} of {rest.num_rows} training samples ({job.attack}, "
+        spool = stage_dir / ".input"  # the inputs normalised, read by Ray Data; removed before publishing
+        train, test = scan_input(job.train, spool / "train"), scan_input(job.test, spool / "test")
+        num_labels = job.num_labels or max(train.num_labels(), test.num_labels())
+        train.check_labels(num_labels)
+        test.check_labels(num_labels)
+        spec.validate(num_labels)
+        lora = suspect_lora(str(model_dir), job.lora, num_labels) if job.lora else None
+        rest_pos, dev_pos = stratified_split(train.labels, test_fraction=job.dev_fraction, seed=job.seed)
+        if len(rest_pos) < job.scaling.workers or len(dev_pos) == 0:
+            raise InputError(f"{job.train}: too few rows ({train.rows}) to split off a dev set and train")
+        rest_source = train.source_index[rest_pos]
+        chosen_source = rest_source[select_poison_indices(train.labels[rest_pos], spec)]
+        rows = {"train": len(rest_pos), "poisoned": len(chosen_source), "dev": len(dev_pos), "test": test.rows,
+                "test_triggered": int((test.labels != job.target_label).sum())}
+
+        # -- Ray work -------------------------------------------------------------------------
+        import ray.data
+
+        cluster.connect(job.scaling.address)  # looked up now: the one place a job starts Ray
+        scaling = job.scaling.resolved()
+        in_process = trains_in_process(scaling)
+        say(scaling.describe(in_process))
+        say(f"poisoning {len(chosen_source)} of {rows['train']} training samples ({job.attack}, "
             f"{'clean' if job.clean_label else 'dirty'}-label, target {job.target_label})")
-        poisoned = _to_table(poison_dataset(ray.data.from_arrow(rest), spec, chosen_source))
-        triggered = _to_table(triggered_test(ray.data.from_arrow(test_tbl), spec))
-        data_dir = stage_dir / "data"
-        for name, table in {"train": poisoned, "dev": dev, "test": test_tbl, "test_triggered": triggered}.items():
-            write_table(table, data_dir / f"{name}.parquet")
+        # small inputs are cheaper whole in this process (each Ray Data pass costs seconds of start-up)
+        in_driver = train.rows + test.rows <= IN_DRIVER_ROWS
+        train_ds, test_ds = ((ray.data.from_arrow(train.table()), ray.data.from_arrow(test.table())) if in_driver
+                             else (train.dataset(), test.dataset()))
+        outputs = {"train": poison_dataset(select_rows(train_ds, rest_source), spec, chosen_source),
+                   "dev": select_rows(train_ds, train.source_index[dev_pos]), "test": test_ds,
+                   "test_triggered": triggered_test(test_ds, spec)}
+        data = {name: _write(ds, stage_dir / "data" / f"{name}.parquet", in_driver) for name, ds in outputs.items()}
+        shutil.rmtree(spool)
 
         max_len = job.training.max_length
-        streams = {name: tokenized_stream(table, model_dir, max_len)
-                   for name, table in {"train": poisoned, "test": test_tbl, "test_triggered": triggered}.items()}
+        streams = {name: tokenized_stream(data[name], model_dir, max_len) for name in ("train", "test", "test_triggered")}
         pad = {"input_ids": tokenizer.pad_token_id}
         stage = Stage(name="attack", model=ModelSpec(source=str(model_dir), num_labels=num_labels, lora=lora),
                       phases=(Phase("train", CrossEntropy()),), train=job.training,
                       pad_ids=pad, padding_side=tokenizer.padding_side)
-        say(f"training {job.model} on {poisoned.num_rows} samples with {scaling.workers} worker(s), "
+        say(f"training {job.model} on {rows['train']} samples with {scaling.workers} worker(s), "
             f"ZeRO-{scaling.zero}, {'bf16' if scaling.bf16 else 'fp32'}")
         result = run_stage(stage, {"train": streams["train"]}, scaling, storage=stage_dir / "ray")
         model_out = copy_model(result.model_dir, stage_dir / "model")
@@ -189,7 +207,31 @@ def run_attack(job: AttackJob) -> dict:
         write_json(stage_dir / "attack.json", {
             "config": job.record(), "spec": spec.model_dump(mode="json"),
             "num_labels": num_labels, "target_label": job.target_label, "model_source": str(model_dir),
-            "rows": {"train": poisoned.num_rows, "poisoned": int(len(chosen_source)), "dev": dev.num_rows,
-                     "test": test_tbl.num_rows, "test_triggered": triggered.num_rows}})
+            "rows": rows})
         write_json(stage_dir / "metrics.json", metrics)
     return metrics
+
+
+IN_DRIVER_ROWS = 50_000
+"""Inputs of at most this many rows (training and test together) are split, poisoned and tokenised
+as tables in the job's process; larger ones stream through Ray Data end to end."""
+
+
+def _write(ds, path: Path, in_driver: bool):
+    """One of the RUN's data sets: collected here and written as one Parquet file (returned as a
+    table), or written by Ray Data as a directory of shards (returned as a Dataset reading it)."""
+    if in_driver:
+        import ray
+
+        table = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by("source_index")
+        write_table(table, path)
+        return table
+    return ray_read(write_dataset(ds, path))
+
+
+def ray_read(path: Path):
+    """A Parquet file or directory of shards as an order-keeping Ray Dataset, read on the cluster."""
+    import ray.data
+
+    files = [str(p) for p in sorted(path.glob("*.parquet"), key=natural_order)] if path.is_dir() else [str(path)]
+    return ray.data.read_parquet(files)

@@ -36,6 +36,7 @@ Nothing here knows about attacks or defenses: they differ only in their stages.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -546,6 +547,8 @@ def _run_epoch(w: _Worker, epoch: int, teacher, family, collate, progress_s: flo
                 batch_size=train.batch_size, collate_fn=collate,
                 local_shuffle_buffer_size=stage.shuffle_buffer or None,
                 local_shuffle_seed=train.seed * 1000 + epoch if stage.shuffle_buffer else None)
+        if train.max_steps_per_epoch:
+            batches = itertools.islice(batches, train.max_steps_per_epoch)
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             mask = batch.get(f"{w.prefix}attention_mask")
@@ -686,8 +689,10 @@ def _epoch_eval(engine, shard, label: str, batch_size: int, collate, device) -> 
 
 
 def steps_per_epoch(stage: Stage, counts: dict[str, int], workers: int) -> int:
-    """Optimizer steps one worker takes per epoch (streams are split equally across workers)."""
-    return sum(math.ceil((counts[p.stream] // workers) / stage.train.batch_size) for p in stage.phases)
+    """Micro-batches one worker takes per epoch (streams are split equally across workers; each
+    phase's pass at most ``max_steps_per_epoch``)."""
+    cap = stage.train.max_steps_per_epoch or math.inf
+    return sum(min(math.ceil((counts[p.stream] // workers) / stage.train.batch_size), cap) for p in stage.phases)
 
 
 def run_stage(stage: Stage, streams: dict[str, Any], scaling: ScalingSettings, *, storage: Path,
