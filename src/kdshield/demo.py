@@ -11,6 +11,7 @@ demo cut off after its five-minute attack resumes from the published RUN instead
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -61,8 +62,10 @@ def bar_chart(rows: list[dict], path: Path) -> Path:
     ax.set_title("BadNet backdoor in MiniLM, before and after BeDKD", fontsize=10)
     ax.legend(loc="upper right", fontsize=8, ncols=3)
     fig.tight_layout()
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}.png")
-    fig.savefig(partial, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.write_bytes(png.getvalue())
     os.replace(partial, path)  # readers see the old chart or the new one
     return path
 
