@@ -1,6 +1,6 @@
 """Autoscaling timeline: Ray's real autoscaler (fake_multinode) under a Tune search.
 
-Runs :func:`kdshield.cluster.experiment.run_experiment` (what `kdshield cluster experiment`
+Runs :func:`kdshield.experiment.run_experiment` (what `kdshield cluster experiment`
 runs): a head with 0 CPUs and no worker nodes, worker nodes of 2 CPUs (at most 3), and a search of
 8 one-CPU trials of 20 s each: more than the cluster holds at the start (nothing) and at full
 scale (6). Reported: time to the first added node, time to full scale, time back to zero worker
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(HERE / "work" / "autoscaling"))
     args = ap.parse_args()
 
-    from kdshield.cluster.experiment import ExperimentSettings, run_experiment
+    from kdshield.experiment import ExperimentSettings, run_experiment
     from kdshield.evaluation import markdown_table
 
     settings = ExperimentSettings(trials=args.trials, trial_seconds=args.trial_seconds, node_cpus=args.node_cpus,

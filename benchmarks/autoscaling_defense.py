@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(HERE / "work" / "autoscaling_defense"))
     args = ap.parse_args()
 
-    from kdshield.cluster.experiment import ExperimentSettings, run_experiment
+    from kdshield.experiment import ExperimentSettings, run_experiment
     from kdshield.evaluation import markdown_table
 
     work = Path(args.work)

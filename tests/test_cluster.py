@@ -174,7 +174,7 @@ def test_render_refuses_bad_settings(args, expected, tmp_path, capsys):
 
 
 def test_experiment_refuses_bad_settings_before_ray(capsys, monkeypatch):
-    import kdshield.cluster.experiment as experiment
+    import kdshield.experiment as experiment
 
     monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: pytest.fail("started"))
     assert main(["cluster", "experiment", "--out", "x", "--min-workers", "3", "--max-workers", "2"]) == 2
@@ -183,7 +183,7 @@ def test_experiment_refuses_bad_settings_before_ray(capsys, monkeypatch):
 
 @pytest.fixture
 def no_cluster(monkeypatch):
-    import kdshield.cluster.experiment as experiment
+    import kdshield.experiment as experiment
 
     monkeypatch.setattr(experiment, "LocalAutoscalingCluster", lambda *a, **k: pytest.fail("a cluster started"))
 
@@ -225,7 +225,7 @@ def test_experiment_never_replaces_a_directory_kdshield_did_not_write(tmp_path, 
 
 
 def test_experiment_search_load_runs_as_many_trials_at_once_as_the_full_cluster_holds(tmp_path):
-    from kdshield.cluster.experiment import ExperimentSettings
+    from kdshield.experiment import ExperimentSettings
 
     settings = ExperimentSettings(search={"method": "nad", "run": "r", "num_samples": 8,
                                           "scaling": {"cpus_per_worker": 2}}, node_cpus=4, max_workers=3)
@@ -237,7 +237,7 @@ def test_experiment_search_load_runs_as_many_trials_at_once_as_the_full_cluster_
 
 
 def test_node_seconds_count_worker_nodes_until_the_scale_down():
-    from kdshield.cluster.experiment import node_seconds, summarise
+    from kdshield.experiment import node_seconds, summarise
 
     def at(t, nodes):
         return {"t": t, "worker_nodes": nodes, "running_trials": 0, "pending_cpus": 0}

@@ -238,7 +238,7 @@ def cmd_cluster_render(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_experiment(args: argparse.Namespace) -> int:
-    from kdshield.cluster.experiment import ExperimentSettings, run_experiment
+    from kdshield.experiment import ExperimentSettings, run_experiment
 
     values = _merge(load_yaml(args.config) if args.config else {},
                     _picked(args, ["trials", "trial_seconds", "cpus_per_trial", "node_cpus", "min_workers",
