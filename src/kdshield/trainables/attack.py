@@ -99,7 +99,7 @@ class AttackJob(_Settings):
 
 def tokenized_stream(table_or_ds, tokenizer_dir: str, max_length: int, *, prefix: str = ""):
     """A materialised Ray Dataset of ``table_or_ds`` with unpadded token ids added: an Arrow
-    table (already in this process) is tokenised here, a Ray Dataset by Ray Data actors."""
+    table (already in this process) is tokenised here, a Ray Dataset by Ray Data tasks."""
     import ray.data
 
     if isinstance(table_or_ds, pa.Table):
@@ -130,8 +130,8 @@ def run_attack(job: AttackJob) -> dict:
     """Run the whole attack job; returns its metrics (also written to RUN/metrics.json).
 
     The inputs stream: each is validated and normalised in one pass of bounded memory (the driver
-    keeps only its labels and row ids), then read, split, poisoned, tokenised and written by Ray
-    Data on the cluster."""
+    keeps only its labels and row ids); above :data:`IN_DRIVER_ROWS` rows they are then read, split,
+    poisoned, tokenised and written by Ray Data on the cluster, below it as tables in this process."""
     t0 = time.perf_counter()
     out = Path(job.out).resolve()
     if check_out_dir(out, record="attack.json", config=job.record(), overwrite=job.overwrite):
