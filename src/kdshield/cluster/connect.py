@@ -108,4 +108,10 @@ def ordered_data():
     ctx.execution_options.preserve_order = True
     # one bar per tiny dataset, from every trial and worker at once: only for --verbose
     ctx.enable_progress_bars = ctx.print_on_execution_start = verbose()
+    # a consumer holds one block at a time, converted to numpy per batch: Ray's 128 MB default made
+    # the attack's driver peak grow with the data (benchmarks/results/driver_memory.md)
+    ctx.target_max_block_size = MAX_BLOCK_BYTES
     return ctx
+
+
+MAX_BLOCK_BYTES = 16 * 1024**2
