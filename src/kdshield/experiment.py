@@ -217,8 +217,10 @@ def summarise(samples: list[dict[str, Any]], start_nodes: int, max_workers: int,
         "search_seconds": round(search_end, 2),
         "time_to_scale_down_after_search_s": None if down is None else round(down - search_end, 2),
         # what the cluster costs: its worker nodes from the load's start until it is back to its start size
-        # (the fixed cluster: until the load ends, when it would be torn down)
-        "node_seconds": node_seconds(good, search_end if down is None or start_nodes == max_workers else down),
+        # (not back within the timeout: until the last sample; the fixed cluster: until the load ends,
+        # when it would be torn down)
+        "node_seconds": node_seconds(good, search_end if start_nodes == max_workers else
+                                     down if down is not None else max((s["t"] for s in good), default=search_end)),
     }
 
 
