@@ -104,6 +104,7 @@ def ordered_data():
     Call it in every process that builds or consumes datasets (the driver, each Tune trial)."""
     import ray.data
 
+    quiet_process()  # a Tune trial's process too: its first dataset would print Ray Data's notice
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     # one bar per tiny dataset, from every trial and worker at once: only for --verbose
