@@ -104,8 +104,9 @@ def main() -> None:
     (dest / "driver_memory.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = ["# Driver memory of `kdshield attack` against the data's size", "", f"`{result['command']}`", "",
              "Input: a directory of Parquet shards (100,000 rows each) expanding the packaged Rotten Tomatoes "
-             "training split; test set: its " + f"{records[0]['run_rows']['test']:,}-row test split. The job: " + result["job"] + ". Peak RSS of the "
-             "driver process alone (`getrusage(RUSAGE_SELF)`), one fresh process per size.", "",
+             f"training split; test set: its {records[0]['run_rows']['test']:,}-row test split. The job: "
+             f"{result['job']}. Peak RSS of the driver process alone (`getrusage(RUSAGE_SELF)`), one fresh process "
+             "per size.", "",
              "| rows | driver peak RSS (MB) |", "|---|---|"]
     lines += [f"| {r['rows']:,} | {r['driver_peak_rss_mb']:.0f} |" for r in records]
     lines += ["", f"Largest / smallest: {ratio:.2f}x (target: at most 1.2x). Each job's wall seconds are in the "
