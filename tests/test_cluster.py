@@ -404,6 +404,11 @@ def test_autoscaling_experiment_scales_up_and_down(tmp_path):
     nodes = np.array([s["worker_nodes"] for s in samples if "worker_nodes" in s])
     assert nodes.max() == 2 and nodes[0] == 0
     assert (out / "timeline.png").stat().st_size > 10_000
+    # the same load on a standing cluster of 2 nodes, charged for both over its whole wall time
+    fixed, cost = record["fixed"]["summary"], record["cost"]
+    assert fixed["failed_trials"] == 0 and fixed["start_worker_nodes"] == fixed["peak_worker_nodes"] == 2
+    assert abs(cost["fixed"]["node_seconds"] - 2 * cost["fixed"]["wall_s"]) <= 2 * 2 * 1.0  # a sample each end
+    assert 0 < cost["autoscaling"]["node_seconds"] and cost["node_seconds_ratio"] > 0
 
 
 def test_a_rayjob_takes_its_storage_password_from_a_secret_never_from_its_yaml(tmp_path, capsys):
