@@ -215,6 +215,23 @@ def test_experiment_refuses_a_bad_search_load_before_any_cluster(search, cluster
     assert not (tmp_path / "exp").exists()
 
 
+def test_the_documented_experiment_file_is_a_valid_search_on_a_run(tmp_path, capsys, no_cluster, monkeypatch):
+    """docs/autoscaling-experiment.yaml as written: its settings and its search (every trial's settings
+    included) pass every check that needs no cluster, for a RUN named as the file names it."""
+    from kdshield.config import load_yaml
+    from kdshield.datasets.toy import write_toy_run
+    from kdshield.experiment import ExperimentSettings
+    from kdshield.trainables.tune import validate
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "autoscaling-experiment.yaml"
+    settings = ExperimentSettings(**load_yaml(doc))
+    monkeypatch.chdir(tmp_path)
+    write_toy_run(tmp_path / settings.search["run"], "tiny-bert", metrics={"cacc": 50.0, "asr": 50.0})
+    job = settings.tune_job(tmp_path / "out")
+    validate(job)
+    assert job.max_concurrent == 2 and job.method == "nad" and settings.compare_fixed
+
+
 def test_experiment_never_replaces_a_directory_kdshield_did_not_write(tmp_path, capsys, no_cluster):
     out = tmp_path / "exp"
     out.mkdir()
