@@ -147,6 +147,7 @@ def test_a_streamed_attack_writes_the_same_run_as_one_held_in_the_driver(tmp_pat
     assert not (streamed / ".input").exists()
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (held, streamed))
     assert len(m1["history"]) == 1 and m1["history"][0]["train/loss"] == m2["history"][0]["train/loss"]
+    assert m1["history"][0]["steps"] == m2["history"][0]["steps"] == 4  # training.max_steps_per_epoch
     assert (m1["cacc"], m1["asr"]) == (m2["cacc"], m2["asr"])
 
 

@@ -536,7 +536,7 @@ def _run_epoch(w: _Worker, epoch: int, teacher, family, collate, progress_s: flo
     device = engine.device
     t0 = last_print = time.perf_counter()
     sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(2, dtype=torch.float64))
-    samples = 0
+    samples = steps = 0
     for phase in stage.phases:
         shard = w.runtime.shard(phase.stream)
         if stage.group_window:
@@ -571,6 +571,7 @@ def _run_epoch(w: _Worker, epoch: int, teacher, family, collate, progress_s: flo
             loss, logs = phase.loss(outputs, batch)
             engine.backward(loss)
             engine.step()
+            steps += 1
             n = len(batch["label"]) if "label" in batch else next(iter(batch.values())).shape[0]
             samples += n
             for key, value in {"loss": loss.item(), **logs}.items():
@@ -582,6 +583,7 @@ def _run_epoch(w: _Worker, epoch: int, teacher, family, collate, progress_s: flo
     for ev in stage.evals:  # per-epoch evaluation hook: accuracy on the eval streams
         sums.update(_epoch_eval(engine, w.runtime.shard(ev.stream), ev.label, train.batch_size, collate, device))
     sums["_samples"] = torch.tensor([samples, 1], dtype=torch.float64)
+    sums["_steps"] = torch.tensor([steps, 1], dtype=torch.float64)
     return sums
 
 
@@ -594,6 +596,7 @@ def _epoch_metrics(w: _Worker, sums: dict[str, torch.Tensor], epoch: int, start_
     import torch.distributed as dist
 
     samples = int(sums.pop("_samples")[0])
+    steps = int(sums.pop("_steps")[0])  # this worker's micro-batches
     keys = sorted(sums)
     totals = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, 2, dtype=torch.float64)
     if w.world > 1:
@@ -616,7 +619,8 @@ def _epoch_metrics(w: _Worker, sums: dict[str, torch.Tensor], epoch: int, start_
     metrics.update(peak_rss_mb_per_rank=[m[0] for m in gathered],
                    train_peak_rss_mb_per_rank=[m[1] for m in gathered],
                    rss_after_init_mb_per_rank=[m[2] for m in gathered])
-    metrics.update(epoch=epoch + 1, epoch_seconds=seconds, start_epoch=start_epoch, worker_nodes=w.worker_nodes,
+    metrics.update(epoch=epoch + 1, steps=steps, epoch_seconds=seconds, start_epoch=start_epoch,
+                   worker_nodes=w.worker_nodes,
                    samples_per_s=samples * w.world / max(seconds, 1e-9), lr=w.scheduler.get_last_lr()[0])
     return metrics
 
