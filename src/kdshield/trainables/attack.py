@@ -108,18 +108,11 @@ def tokenized_stream(table_or_ds, tokenizer_dir: str, max_length: int, *, prefix
 
 
 def write_dataset(ds, path: Path) -> Path:
-    """``ds`` written by Ray Data as a directory of Parquet shards at ``path``, named in the
-    dataset's order (read back in order by :func:`~kdshield.datasets.read_table`, by
-    ``pyarrow.parquet.read_table`` and by :func:`ray_read`); an empty dataset as one empty shard."""
-    from ray.data import SaveMode
-    from ray.data.datasource import FilenameProvider
-
-    class ShardNames(FilenameProvider):  # part-TASK-I.parquet: the dataset's order in natural name order
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{task_index:06d}"
-
-    # OVERWRITE: ``path`` is new (inside the job's staging directory), so nothing can be overwritten
-    ds.write_parquet(str(path), filename_provider=ShardNames(), mode=SaveMode.OVERWRITE)
+    """``ds`` written by Ray Data as a directory of Parquet shards at ``path``. Ray names them
+    ``{write uuid}_{task index}[-{file}].parquet``, so :func:`~kdshield.datasets.sources.natural_order`
+    (which :func:`~kdshield.datasets.read_table` and :func:`ray_read` sort by) reads them back in the
+    dataset's order; an empty dataset is written as one empty shard."""
+    ds.write_parquet(str(path))
     if not any(path.glob("*.parquet")):
         path.mkdir(parents=True, exist_ok=True)
         write_table(SCHEMA.empty_table(), path / "part-000000.parquet")
