@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 from kdshield import __version__, defenses, list_defenses
-from kdshield.config import load_yaml, parse_assignments, parse_settings
+from kdshield.config import ScalingSettings, load_yaml, parse_assignments, parse_settings
 from kdshield.errors import InputError
 from kdshield.search_spaces import space_path
 
@@ -222,6 +222,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kdshield.cluster.memory import GIB, estimate_memory
+    from kdshield.evaluation import markdown_table
+    from kdshield.models.loading import load_config
+    from kdshield.models.lora import suspect_lora
+
+    scaling = parse_settings(ScalingSettings, _picked(args, SCALING_FLAGS), source="plan")
+    gpu = scaling.gpus_per_worker > 0
+    targets = suspect_lora(args.model, args.lora, args.num_labels).target_modules if args.lora else ()
+    plan = estimate_memory(load_config(args.model), num_labels=args.num_labels, workers=scaling.workers,
+                           zero=scaling.zero, bf16=scaling.bf16, lora_r=args.lora, lora_targets=tuple(targets),
+                           batch_size=args.batch_size, max_length=args.max_length, offload=scaling.offload,
+                           gradient_checkpointing=scaling.gradient_checkpointing, gpu=gpu,
+                           teacher_rows=args.teacher_rows, teacher_hidden=args.teacher_hidden)
+    f = plan.facts
+    print(f"{args.model}: {f['parameters'] / 1e6:,.1f}M parameters, {f['trained'] / 1e6:,.2f}M trained"
+          + (f" (LoRA r {args.lora} on {'+'.join(targets)} and the head)" if args.lora else "")
+          + f"; {scaling.workers} worker(s), ZeRO-{scaling.zero}, {'bf16' if scaling.bf16 else 'fp32'}, micro-batch "
+          f"{args.batch_size} x {args.max_length} tokens" + (f", grad-accum {scaling.grad_accum}" if scaling.grad_accum > 1
+                                                             else ""))
+    print(markdown_table(plan.rows()))
+    print(f"per worker: {plan.device_total / GIB:.2f} GiB of {'GPU' if gpu else 'CPU'} memory"
+          + (" before the CUDA context (~0.5-1 GiB)" if gpu else " (the process itself included)")
+          + "; the arithmetic and what it was checked against: kdshield/cluster/memory.py")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kdshield.demo import run_demo
 
@@ -413,6 +440,27 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dirs", nargs="+", metavar="DIR", help="OUT directories of `kdshield tune`")
     report.add_argument("--out", help="where to write (default: report/ in the first DIR)")
     report.set_defaults(func=cmd_report)
+
+    plan = sub.add_parser("plan", help="memory per worker of a training stage, from the model's config alone")
+    plan.add_argument("--model", required=True, help="preset, local directory or hub id (only config.json is read)")
+    plan.add_argument("--lora", type=int, metavar="R", help="a rank-R adapter on the attention projections (and the "
+                                                            "head) instead of training every weight")
+    plan.add_argument("--batch-size", type=int, default=32, help="micro-batch per worker (default %(default)s)")
+    plan.add_argument("--max-length", type=int, default=64, help="tokens per sample (default %(default)s)")
+    plan.add_argument("--num-labels", type=int, default=2, help="classes (default %(default)s)")
+    plan.add_argument("--teacher-rows", type=int, default=0, help="rows whose teacher outputs a defense caches")
+    plan.add_argument("--teacher-hidden", type=int, default=0, help="cached feature width per row (W2SDefense: the "
+                                                                     "teacher's hidden size)")
+    for flag, kw in (("--workers", {"type": int, "help": "data-parallel workers (default 1)"}),
+                     ("--gpus-per-worker", {"type": float, "help": "GPU workers (fused attention, no CPU process "
+                                                                   "counted); default 0: CPU workers"}),
+                     ("--zero", {"type": int, "choices": [0, 1, 2, 3], "help": "DeepSpeed ZeRO stage (default 0)"}),
+                     ("--bf16", {"action": "store_true", "default": None, "help": "bf16 (fp32 otherwise)"}),
+                     ("--grad-accum", {"type": int, "metavar": "N", "help": "micro-batches per step (default 1)"}),
+                     ("--gradient-checkpointing", {"action": "store_true", "default": None}),
+                     ("--offload", {"choices": ["none", "optimizer", "optimizer+params"]})):
+        plan.add_argument(flag, **kw)
+    plan.set_defaults(func=cmd_plan)
 
     demo = sub.add_parser("demo", help="the whole story, small and local", parents=loud)
     demo.add_argument("--out", default="kdshield-demo", help="directory for everything (default %(default)s)")
