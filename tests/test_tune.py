@@ -623,6 +623,7 @@ def test_study_lives_in_postgresql_and_a_search_resumes_from_it(tiny_run, tmp_pa
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert trials[0].number == first[0].number and trials[0].params == first[0].params
     assert trials[0].values == first[0].values
+    assert trials[1].params != trials[0].params  # the resumed sampler does not replay the first point
     assert len(list((out / "trials").glob("*/result.json"))) == 2
 
 

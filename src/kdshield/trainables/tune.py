@@ -499,7 +499,10 @@ def build_tuner(job: TuneJob, space, *, mode: str, concurrent: int, completed: i
                                   resume_errored=False, restart_errored=False)
     storage = optuna.storages.RDBStorage(job.storage_url())
     searcher = DurableOptunaSearch(space=space.distributions(), metric=metrics if len(metrics) > 1 else metrics[0],
-                                   mode=modes if len(modes) > 1 else modes[0], sampler=_sampler(job.sampler_name(), job.seed),
+                                   mode=modes if len(modes) > 1 else modes[0],
+                                   # continuing a study: a sampler seeded as the first run's would replay its
+                                   # first random points, the very configurations the study already holds
+                                   sampler=_sampler(job.sampler_name(), job.seed + completed),
                                    study_name=job.study_name or f"kdshield-{job.method}", storage=storage)
     scheduler = (ASHAScheduler(time_attr="training_iteration", metric=job.scheduler_metric(),
                                mode=SCALAR_MODES[job.scheduler_metric()], max_t=max(_max_t(space), job.grace_period),
