@@ -11,8 +11,11 @@ Formats, chosen by suffix (or by layout for a directory):
   ``dataset_dict.json`` and one Dataset directory per split, of which one must be named
   (``DIR/train``).
 
-:func:`read_table` returns an in-memory normalised ``pyarrow.Table``;
-:func:`read_dataset` validates on the driver first and then returns a ``ray.data.Dataset``.
+:func:`iter_raw_batches` reads any of them one bounded batch at a time; :func:`scan_input`
+validates and normalises an input in that one streaming pass and spools it as Parquet shards
+(the driver keeps only labels and row ids); :func:`read_table` returns the normalised input as one
+in-memory ``pyarrow.Table``; :func:`read_dataset` validates on the driver first and then returns a
+``ray.data.Dataset``.
 """
 
 from __future__ import annotations
@@ -61,23 +64,13 @@ def _check_exists(path: Path) -> None:
         raise InputError(f"{path}: file is not readable (permission denied)")
 
 
-def _read_csv(path: Path, delimiter: str) -> pa.Table:
-    text_types = {col: pa.string() for col in (TEXT, *TEXT_ALIASES)}
-    return pacsv.read_csv(
-        path, parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-        convert_options=pacsv.ConvertOptions(column_types=text_types))
-
-
-def _read_json(path: Path) -> pa.Table:
-    with open(path, "rb") as fh:
-        head = fh.read(4096).lstrip()
-    if head.startswith(b"["):  # one JSON array of records
-        with open(path, encoding="utf-8") as fh:
-            records = json.load(fh)
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise InputError(f"{path}: a JSON array must hold one object per row")
-        return pa.Table.from_pylist(records)
-    return pajson.read_json(path)
+def _read_json_array(path: Path) -> pa.Table:
+    """A ``.json`` file holding one JSON array of records (one document: read whole)."""
+    with open(path, encoding="utf-8") as fh:
+        records = json.load(fh)
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise InputError(f"{path}: a JSON array must hold one object per row")
+    return pa.Table.from_pylist(records)
 
 
 def _hf_arrow_files(path: Path) -> list[Path]:
@@ -94,19 +87,6 @@ def _hf_arrow_files(path: Path) -> list[Path]:
         if not file.is_file():
             raise InputError(f"{path}: state.json lists {file.name}, which is missing")
     return files
-
-
-def _read_hf_dataset_dir(path: Path) -> pa.Table:
-    """Concatenated Arrow files of a ``Dataset.save_to_disk`` directory."""
-    tables = []
-    for file in _hf_arrow_files(path):
-        try:
-            with pa.memory_map(str(file)) as source:
-                tables.append(pa.ipc.open_stream(source).read_all())
-        except pa.ArrowInvalid:  # an IPC *file* instead of a stream
-            with pa.memory_map(str(file)) as source:
-                tables.append(pa.ipc.open_file(source).read_all())
-    return pa.concat_tables(tables, promote_options="default")
 
 
 def _check_dataset_dict(path: Path) -> None:
@@ -150,24 +130,12 @@ def _suffix(path: Path) -> str:
 
 
 def _read_raw(path: Path) -> pa.Table:
-    """The file or directory at ``path`` as an Arrow table, not yet normalised."""
-    _check_exists(path)
-    if path.is_dir():
-        _check_dataset_dict(path)
-        if _is_hf_dataset_dir(path):
-            return _read_hf_dataset_dir(path)
-        return pa.concat_tables([_read_raw(p) for p in _shards(path)], promote_options="default")
-    suffix = _suffix(path)
-    try:
-        if suffix == ".parquet":
-            return pq.read_table(path)
-        if suffix in (".csv", ".tsv"):
-            return _read_csv(path, "," if suffix == ".csv" else "\t")
-        return _read_json(path)
-    except InputError:
-        raise
-    except (pa.ArrowException, OSError, ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read as {suffix[1:]}: {_first_line(exc)}") from None
+    """The file or directory at ``path`` as one Arrow table, not yet normalised: the batches of
+    :func:`iter_raw_batches` put together (no rows at all: an empty table of the schema)."""
+    tables = [table for _, table in iter_raw_batches(path)]
+    if not tables:
+        return pa.table({TEXT: pa.array([], pa.string()), LABEL: pa.array([], pa.int64())})
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def read_table(path: str | os.PathLike, *, num_labels: int | None = None) -> pa.Table:
@@ -265,7 +233,7 @@ def read_dataset(path: str | os.PathLike, *, num_labels: int | None = None) -> D
 
 # ----------------------------------------------------------------------------- streaming
 
-_SCAN_BATCH_ROWS = 65_536
+_SCAN_BATCH_ROWS = _PARQUET_BATCH_ROWS
 _SCAN_BLOCK_BYTES = 16 << 20
 SPOOL_SHARD_ROWS = 262_144
 
@@ -300,7 +268,7 @@ def iter_raw_batches(path: str | os.PathLike) -> Iterator[tuple[Path, pa.Table]]
         else:
             with open(path, "rb") as fh:
                 whole = fh.read(4096).lstrip().startswith(b"[")
-            batches = ([_read_json(path)] if whole else
+            batches = ([_read_json_array(path)] if whole else
                        pajson.open_json(path, read_options=pajson.ReadOptions(block_size=_SCAN_BLOCK_BYTES)))
         for batch in batches:
             yield path, batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
