@@ -610,7 +610,11 @@ def run_tune(job: TuneJob, *, callbacks=()) -> dict[str, Any]:
         concurrent = plan.concurrent_trials
         say(f"resources: {plan.summary()}")
     cache = StageCache(_cache_dir(job)) if job.shared_work else None
-    probe_job = DefendJob(method="bedkd", run=job.run, out=str(out / "unused"), scaling=job.scaling,
+    probe_scaling = job.scaling
+    if not job.scaling.address and job.scaling.workers == 1 and not job.scaling.gpus_per_worker:
+        # the probe trains alone, before any trial: on every core of this machine, not one trial's share
+        probe_scaling = job.scaling.model_copy(update={"cpus_per_worker": float(os.cpu_count() or 1)})
+    probe_job = DefendJob(method="bedkd", run=job.run, out=str(out / "unused"), scaling=probe_scaling,
                           params=probe.model_dump(mode="json"))
     build_probe(probe_job, out / "shared", cache=cache or StageCache(out / "shared" / "probe-cache"),
                 val_fraction=job.val_fraction, probe_n=job.probe_n, seed=job.seed,
