@@ -59,7 +59,10 @@ BUDGETS = {
 # Search settings beyond the defaults, per method. MBTSAD's distillation epoch takes ~3 min per trial
 # here (720 token-split rows, attention maps of every layer): ASHA judges after one epoch, or 16 trials
 # of up to 10 epochs would not fit the 75 minutes.
-TUNE_ARGS = {"mbtsad": ["--grace-period", "1"]}
+TUNE_ARGS = {"mbtsad": ["--grace-period", "1"],
+             # W2S: an epoch of the SmolLM2 student takes ~130 s per trial here (two at a time, one thread
+             # each), and with ASHA judging after two epochs two trials took 11-13 minutes
+             "w2s": ["--grace-period", "1"]}
 # W2SDefense's development cell is its own (benchmarks/w2s.py): SmolLM2-135M backdoored with the
 # authors' sentence trigger, dirty-label, 1000 training rows (200 of them the defender's dev split),
 # 400 test rows; its student is a LoRA adapter on the suspect, its teacher a MiniLM trained once
