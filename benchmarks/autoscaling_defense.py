@@ -70,6 +70,9 @@ def main() -> None:
 
     work = Path(args.work)
     run, attack = build_run(work, args.model)
+    import ray
+
+    ray.shutdown()  # the attack's local Ray: the experiment starts clusters of its own
     config = {
         "search": {"method": args.method, "run": str(run), "num_samples": args.trials, "fixed": BUDGETS[args.method],
                    "probe": PROBE, "grace_period": 1, "scaling": {"workers": 1, "cpus_per_worker": 1}},
