@@ -262,14 +262,14 @@ def run_experiment(settings: ExperimentSettings, out: str | Path, *, log=print) 
     import ray
 
     out = Path(out).resolve()
-    if ray.is_initialized():
-        raise RuntimeError("run_experiment starts its own cluster: call ray.shutdown() first")
     check_writable(out)
     check_replaceable(out, what="cluster experiment replaces", own=("timeline.*", "tune", "autoscaling", "fixed"))
     if settings.search is not None:  # every check that needs no cluster, before one starts
         from kdshield.trainables.tune import validate
 
         validate(settings.tune_job(out / "autoscaling"))
+    if ray.is_initialized():
+        raise RuntimeError("run_experiment starts its own cluster: call ray.shutdown() first")
     with staged(out) as work:
         runs = {"autoscaling": _one_cluster(settings, work / "autoscaling", settings.min_workers, log)}
         if settings.compare_fixed:
