@@ -4,7 +4,8 @@
 The cell is W2SDefense's development cell (``benchmarks/w2s.py``; built here if missing):
 SmolLM2-135M backdoored with the authors' sentence trigger, dirty-label, 1000 training rows
 (the defender's clean data: the RUN's 200-row dev split), 400 test rows. Both runs share one
-budget (``BUDGET``), one after the other in one script run, on one worker with 2 CPUs.
+budget (``BUDGET``), one after the other, each in its own process (a peak RSS never goes down),
+on one worker with 2 CPUs.
 Written: ``results/lora_memory.json`` and ``results/lora_memory.md``. Target: the job's peak
 at least 2x lower with ``--lora 16``.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,19 +33,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lora", type=int, default=16)
     ap.add_argument("--work", default=str(HERE / "work" / "lora_memory"))
+    ap.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child: one mode (0: full)
     args = ap.parse_args()
     from search import build_cell
 
-    from kdshield.trainables.defend import DefendJob, run_defend
-
     run = build_cell("w2s", "rotten-tomatoes/w2s-sentence")
+    if args.one is not None:
+        return one_mode(run, args.one or None, Path(args.work))
     rows = []
-    for name, lora in (("full", None), (f"lora {args.lora}", args.lora)):
-        m = run_defend(DefendJob(method="bedkd", run=str(run), out=str(Path(args.work) / name.replace(" ", "-")),
-                                 params=BUDGET, lora=lora, scaling=SCALING))
-        rows.append({"mode": name, "cacc": m["cacc"], "asr": m["asr"], "asr_no_trigger": m.get("asr_no_trigger"),
-                     "seconds": round(m["seconds"]), "stage_peak_rss_mb": m["stage_peak_rss_mb"],
-                     "peak_rss_mb": round(max(m["stage_peak_rss_mb"].values()))})
+    for lora in (0, args.lora):  # each in its own process: a process's peak RSS never goes down
+        subprocess.run([sys.executable, __file__, "--work", args.work, "--one", str(lora)], check=True)
+        rows.append(json.loads((Path(args.work) / f"row-{lora}.json").read_text()))
         print(rows[-1], flush=True)
     ratio = rows[0]["peak_rss_mb"] / rows[1]["peak_rss_mb"]
     record = {"command": " ".join(["python", "benchmarks/lora_memory.py", *sys.argv[1:]]), "run": str(run),
@@ -64,6 +64,18 @@ def main() -> None:
     lines += ["", f"Job peak, full / LoRA: {ratio:.2f}x (target >= 2)."]
     (RESULTS / "lora_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def one_mode(run: Path, lora: int | None, work: Path) -> None:
+    from kdshield.trainables.defend import DefendJob, run_defend
+
+    name = f"lora {lora}" if lora else "full"
+    m = run_defend(DefendJob(method="bedkd", run=str(run), out=str(work / name.replace(" ", "-")),
+                             params=BUDGET, lora=lora, scaling=SCALING))
+    row = {"mode": name, "cacc": m["cacc"], "asr": m["asr"], "asr_no_trigger": m.get("asr_no_trigger"),
+           "seconds": round(m["seconds"]), "stage_peak_rss_mb": m["stage_peak_rss_mb"],
+           "peak_rss_mb": round(max(m["stage_peak_rss_mb"].values()))}
+    (work / f"row-{lora or 0}.json").write_text(json.dumps(row))
 
 
 if __name__ == "__main__":
