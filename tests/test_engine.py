@@ -68,11 +68,11 @@ def accuracy(model_dir: Path, tok) -> float:
 
 
 @pytest.mark.parametrize("scaling", [
-    {"zero": 2}, {"zero": 3},
+    {"zero": 3},  # ZeRO 2: test_killed_worker_resumes_from_checkpoint learns and exports under it
     # ZeRO 1 with two micro-batches per step (half the optimizer steps: twice the epochs),
     # activations recomputed, bf16 on the CPU
     {"zero": 1, "grad_accum": 2, "gradient_checkpointing": True, "bf16": True, "epochs": 8}],
-    ids=["zero2", "zero3", "zero1-large"])
+    ids=["zero3", "zero1-large"])
 def test_two_workers_learn_and_export(scaling, tiny_stream, tmp_path):
     model_dir, tok, stream = tiny_stream
     scaling = dict(scaling)
@@ -81,6 +81,7 @@ def test_two_workers_learn_and_export(scaling, tiny_stream, tmp_path):
                        ScalingSettings(workers=2, **scaling), storage=tmp_path)
     losses = [h["train/loss"] for h in result.history]
     assert len(losses) == epochs
+    assert result.history[-1]["device_per_rank"] == ["cpu", "cpu"]
     assert losses[-1] < 0.7 * losses[0], losses
     assert (result.model_dir / "model.safetensors").is_file()
     assert not list(result.model_dir.glob("*.bin"))
@@ -89,7 +90,8 @@ def test_two_workers_learn_and_export(scaling, tiny_stream, tmp_path):
 
 
 def test_killed_worker_resumes_from_checkpoint(tiny_stream, tmp_path):
-    """SIGKILL one worker once it has passed two checkpoints; the run restarts from one and finishes."""
+    """SIGKILL one worker once it has passed two checkpoints; the run restarts from one, finishes,
+    learns and exports (ZeRO 2, 2 workers)."""
     model_dir, tok, stream = tiny_stream
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
@@ -111,14 +113,15 @@ def test_killed_worker_resumes_from_checkpoint(tiny_stream, tmp_path):
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    result = run_stage(make_stage(model_dir, tok, epochs=8, lr=1e-3), {"train": stream},
+    result = run_stage(make_stage(model_dir, tok, epochs=4), {"train": stream},
                        ScalingSettings(workers=2, zero=2, max_failures=2), storage=storage,
                        pid_dir=str(pid_dir))
     thread.join(timeout=5)
     assert killed, "the worker was never killed"
-    assert [h["epoch"] for h in result.history] == list(range(1, 9))
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
     assert result.metrics["start_epoch"] >= 1  # the last attempt started from a checkpoint
     assert int((pid_dir / "rank1.pid").read_text().split()[0]) != killed[0]  # a new process finished it
+    assert (result.model_dir / "model.safetensors").is_file() and not list(result.model_dir.glob("*.bin"))
     assert accuracy(result.model_dir, tok) >= 0.9
 
 
@@ -139,6 +142,7 @@ def test_one_local_cpu_worker_trains_in_process_and_learns(tiny_stream, tmp_path
     assert seen == [("local", 1), ("local", 2), ("local", 3)]
     assert torch.get_num_threads() == threads  # the stage's thread count does not outlive it
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert result.history[-1]["device_per_rank"] == ["cpu"]  # the accelerator's device (cuda:N on a GPU)
     assert result.checkpoint_path.parent == tmp_path / "local"
     assert (tmp_path / "local" / LATEST_FILE).is_file()
     assert sorted(p.name for p in (tmp_path / "local").glob("checkpoint_*")) == ["checkpoint_000002",

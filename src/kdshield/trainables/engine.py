@@ -610,15 +610,16 @@ def _epoch_metrics(w: _Worker, sums: dict[str, torch.Tensor], epoch: int, start_
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # since the reset, if any
     train_peak_mb = _rss_mb("VmHWM") if w.peak_reset else None
     metrics.update(peak_rss_mb=max(w.load_peak_mb, peak_mb))  # this process, whole life
-    memory = [max(w.load_peak_mb, peak_mb), train_peak_mb, w.rss_after_init_mb]
-    if w.world > 1:  # every rank's memory, in rank order
+    memory = [max(w.load_peak_mb, peak_mb), train_peak_mb, w.rss_after_init_mb, str(w.engine.device)]
+    if w.world > 1:  # every rank's memory and device, in rank order
         gathered = [None] * w.world
         dist.all_gather_object(gathered, memory)
     else:
         gathered = [memory]
     metrics.update(peak_rss_mb_per_rank=[m[0] for m in gathered],
                    train_peak_rss_mb_per_rank=[m[1] for m in gathered],
-                   rss_after_init_mb_per_rank=[m[2] for m in gathered])
+                   rss_after_init_mb_per_rank=[m[2] for m in gathered],
+                   device_per_rank=[m[3] for m in gathered])  # where each rank trained: cuda:N or cpu
     metrics.update(epoch=epoch + 1, steps=steps, epoch_seconds=seconds, start_epoch=start_epoch,
                    worker_nodes=w.worker_nodes,
                    samples_per_s=samples * w.world / max(seconds, 1e-9), lr=w.scheduler.get_last_lr()[0])
