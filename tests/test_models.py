@@ -440,6 +440,25 @@ def test_inference_and_live_teachers_follow_the_accelerator(monkeypatch):
     assert next(teacher.parameters()).device.type == "meta" and not teacher.training
 
 
+def test_the_scorer_releases_its_models_and_keeps_their_outputs():
+    """A training stage frees the scorer's frozen models; the rows they scored are not run again,
+    and a new row loads the model back."""
+    import numpy as np
+
+    import kdshield.trainables.inference as inference
+
+    scorer = inference.LocalScorer(2, threads=1)
+    rows = [np.array([101, 7, 8, 102]), np.array([101, 9, 102])]
+    first = scorer.score(rows, "tiny-bert", ("logits",), pad_id=0)["logits"]
+    assert len(scorer._models) == 1
+    scorer.release()
+    assert not scorer._models
+    again = scorer.score(rows, "tiny-bert", ("logits",), pad_id=0)["logits"]
+    assert np.array_equal(first, again) and scorer.rows_scored["tiny-bert"] == 2 and not scorer._models
+    scorer.score([np.array([101, 5, 102])], "tiny-bert", ("logits",), pad_id=0)
+    assert scorer.rows_scored["tiny-bert"] == 3 and len(scorer._models) == 1
+
+
 def test_a_large_model_is_written_in_shards_that_load_back_exactly(tmp_path):
     """Above ``max_shard_size`` a model is split into safetensors shards with an index (how a
     7-8B model is exported); loading reads them back to the same weights; a state dict handed in

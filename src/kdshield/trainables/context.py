@@ -174,6 +174,8 @@ class JobContext:
             return run_stage(stage, streams, self.job.scaling, storage=self.work / "ray", callbacks=hooks.callbacks,
                              on_report=hooks.on_report)
 
+        if self.scorer is not None:
+            self.scorer.release()  # the models it scored with make room for the stage (outputs stay memoised)
         result = hooks.cache.stage(stage, streams, self.job.scaling, run) if hooks.cache else run()
         self.stage_seconds[name] = result.seconds
         self.history[name] = result.history

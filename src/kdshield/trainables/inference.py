@@ -153,6 +153,14 @@ class LocalScorer:
         self._models.move_to_end(key)
         return self._models[key]
 
+    def release(self) -> None:
+        """Unload every model; their outputs stay memoised. A training stage calls this first, so
+        the frozen copies scored before it (the suspect, a DMM) do not sit beside the model it trains."""
+        import gc
+
+        self._models.clear()
+        gc.collect()
+
     def score(self, ids: Sequence[np.ndarray], model_dir: str, outputs: tuple[str, ...], *, pad_id: int,
               padding_side: str = "right", attn_implementation: str | None = None) -> dict[str, np.ndarray]:
         """``outputs`` of ``model_dir`` for every row of ``ids`` (token-id arrays), in their order:
