@@ -213,9 +213,29 @@ def load_classifier(
     """
     from transformers import AutoModelForSequenceClassification
 
+    name = os.fspath(name_or_path)
+    path, config, tokenizer, replace_head = _classifier_config(name, num_labels, tokenizer)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    # A head the checkpoint lacks is initialised from a fixed seed, not from the caller's RNG:
+    # every process that loads the model (Train workers, inference actors, a re-run) gets the same
+    # one. The caller's RNG state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(HEAD_INIT_SEED)
+        model = _open(AutoModelForSequenceClassification, name, path, "weights", config=config,
+                      dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=replace_head,
+                      **kwargs)
+    if keep_layers is not None or init != "pretrained":
+        model = reduced_copy(model, keep_layers, init=init)
+    return model, tokenizer
+
+
+
+def _classifier_config(name: str, num_labels: int, tokenizer=None):
+    """``(path, config, tokenizer, replace_head)`` for loading ``name`` as a ``num_labels``-way
+    classifier: the checks and the config changes both loaders make (pad token of decoders, the
+    number of labels; ``replace_head``: the checkpoint's own classifier head has another size)."""
     if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
         raise InputError(f"num_labels must be an integer >= 2, not {num_labels!r}")
-    name = os.fspath(name_or_path)
     path = resolve_model(name)
     if _local_model_dir(name, path):
         check_safe_weights(path)
@@ -232,23 +252,65 @@ def load_classifier(
     if model_family(config) == "decoder":
         text_config.pad_token_id = tokenizer.pad_token_id
         config.pad_token_id = tokenizer.pad_token_id
-
     replace_head = False
     if config.num_labels != num_labels:
         replace_head = _is_classifier(config)
         config.num_labels = num_labels
+    return path, config, tokenizer, replace_head
+
+
+def load_classifier_partitioned(name_or_path: str | os.PathLike, num_labels: int, *, ds_config: dict,
+                                dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
+    """``(model, tokenizer)`` as :func:`load_classifier` gives them, built under DeepSpeed's
+    ``zero.Init`` with ``ds_config`` (ZeRO-3) so that every parameter is partitioned across the
+    ranks as soon as it exists, each rank reading only its partitions from the safetensors
+    (:mod:`kdshield.models.partitioned`). Call it on every rank of an initialised process group.
+
+    The base model is built without initialising its weights (each rank then reads its
+    partitions); a head the checkpoint lacks (or has in another size) is initialised as
+    :func:`load_classifier` does it (the model's own ``_init_weights`` from ``HEAD_INIT_SEED``),
+    gathered onto rank 0 and broadcast, so every rank holds the same head."""
+    import deepspeed
+    from transformers import AutoModelForSequenceClassification
+    from transformers import initialization as hf_init
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    from kdshield.models.partitioned import checkpoint_index, fill_partitions, plan_partitioned_load
+
+    name = os.fspath(name_or_path)
+    path, config, tokenizer, _ = _classifier_config(name, num_labels)
+    entries = checkpoint_index(path)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    # A head the checkpoint lacks is initialised from a fixed seed, not from the caller's RNG:
-    # every process that loads the model (Train workers, inference actors, a re-run) gets the same
-    # one. The caller's RNG state is left as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(HEAD_INIT_SEED)
-        model = _open(AutoModelForSequenceClassification, name, path, "weights", config=config,
-                      dtype=dtype, use_safetensors=True, ignore_mismatched_sizes=replace_head,
-                      **kwargs)
-    if keep_layers is not None or init != "pretrained":
-        model = reduced_copy(model, keep_layers, init=init)
+    with torch.device("meta"):  # names and shapes first: a checkpoint that does not fit fails before any work
+        plan_partitioned_load(AutoModelForSequenceClassification.from_config(config, **kwargs), entries)
+    offload = bool(ds_config.get("zero_optimization", {}).get("offload_param"))
+    # no_init_weights: every base weight is about to be read, so none is drawn; the arange guard
+    # keeps the rotary buffers in fp32 under zero.Init's dtype (as transformers' own ZeRO-3 path)
+    # The dtype goes through the config: zero.Init(dtype=float32) gives bf16 on a CPU accelerator
+    # (DeepSpeed 0.19's _set_dtype: an operator-precedence slip), while the config's flag is read right.
+    init_config = {**ds_config, "bf16": {"enabled": dtype == torch.bfloat16}}
+    with hf_init.no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(
+            config_dict_or_path=init_config, remote_device="cpu" if offload else None):
+        model = AutoModelForSequenceClassification.from_config(config, dtype=dtype, **kwargs)
+    plan, fresh = plan_partitioned_load(model, entries)
+    fill_partitions(model, plan)
+    _init_fresh_head(model, fresh)
     return model, tokenizer
+
+
+def _init_fresh_head(model, fresh: list[str]) -> None:
+    """Initialise the named (ZeRO-3) parameters the checkpoint did not supply with the model's own
+    ``_init_weights`` from ``HEAD_INIT_SEED``: on rank 0, broadcast to the others."""
+    import deepspeed
+
+    owners = {name.rpartition(".")[0] for name in fresh}
+    modules = [m for n, m in model.named_modules() if n in owners]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(HEAD_INIT_SEED)
+        for module in modules:
+            with deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)), modifier_rank=0):
+                if deepspeed.comm.get_rank() == 0:
+                    model._init_weights(module)
 
 
 def block_list_name(model) -> str:

@@ -77,7 +77,15 @@ class Preset:
 
     def path(self) -> Path:
         """The preset's directory in the cache, built on first use."""
-        return materialize(self.cache_name, self.build)
+        return materialize(self.cache_name, self._build_checked)
+
+    def _build_checked(self, dest: Path) -> None:
+        """``build``, refusing to mark a directory complete that holds no model (transformers'
+        ``save_pretrained`` writes no weights on a non-zero rank of a process group)."""
+        self.build(dest)
+        if not (dest / "config.json").is_file() or not any(dest.glob("*.safetensors")):
+            raise RuntimeError(f"building the {self.name} preset wrote no config.json or safetensors weights; "
+                               "resolve it once outside a process group (kdshield does so on the driver)")
 
 
 # --------------------------------------------------------------------------- archive reading
