@@ -81,10 +81,12 @@ def _rank(rank: int, world: int, port: int, models: list[tuple[str, str]], resul
             model, _ = load_classifier_partitioned(path, 2, ds_config=config, dtype=dtype)
             local = sum(p.ds_tensor.numel() for p in model.parameters())
             share = sum(-(-p.ds_numel // world) for p in model.parameters())  # ceil: the last one padded
-            whole = dict(load_classifier(path, 2, dtype=dtype)[0].named_parameters())
+            reference = load_classifier(path, 2, dtype=dtype)[0]
+            whole = {**dict(reference.named_parameters()), **dict(reference.named_buffers())}
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-                out[path] = {"differ": [n for n, p in model.named_parameters()
-                                        if p.dtype != dtype or not torch.equal(p.data, whole[n].data)],
+                out[path] = {"differ": [n for n, p in [*model.named_parameters(), *model.named_buffers()]
+                                        if p.dtype != whole[n].dtype or not torch.equal(p.data, whole[n].data)]
+                             + [n for n, p in model.named_parameters() if p.dtype != dtype],
                              "local": local, "share": share}
         results.put((rank, out))
     except BaseException as err:  # the parent reports it instead of waiting for a rank that died
@@ -92,8 +94,9 @@ def _rank(rank: int, world: int, port: int, models: list[tuple[str, str]], resul
 
 
 def test_each_rank_loads_its_partitions_and_the_model_is_the_one_loaded_whole():
-    """Two ranks (gloo): every parameter, gathered, equals the whole model's (a fresh head too:
-    the same seeded draw), in the requested dtype, while each rank held about half of them."""
+    """Two ranks (gloo): every parameter, gathered, and every buffer equals the whole model's (a
+    fresh head too: the same seeded draw), in the requested dtype, while each rank held only its
+    partitions."""
     import torch.multiprocessing as mp
 
     from kdshield.models import resolve_model
