@@ -1,6 +1,7 @@
 """Per-worker peak memory of loading and training at ZeRO-3 with 2 workers, whole-model loading
 (every worker builds the full model, then DeepSpeed partitions it) against partitioned loading
-(``from_pretrained`` under ``deepspeed.zero.Init``: each worker holds its partition only).
+(:func:`kdshield.models.load_classifier_partitioned`: the model built under ``deepspeed.zero.Init``
+without drawing its weights, each worker reading only its partitions' bytes from the safetensors).
 
 Models: SmolLM2-135M (the packaged preset) and a randomly initialised LLaMA of about 1.1B
 parameters (TinyLlama-1.1B's shape, SmolLM2's vocabulary so its tokenizer fits; no weights needed:

@@ -3,9 +3,14 @@ the ``ray`` marker (``-m "not ray"`` is the fast suite), which is checked, not t
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
+
+# Every local Ray of the session (the fixture's, and those of the kdshield commands the tests run
+# in subprocesses) starts without its dashboard: nobody watches it, and it costs each start seconds.
+os.environ.setdefault("KDSHIELD_RAY_DASHBOARD", "0")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import os
 from kdshield.outputs import VERBOSE_ENV, verbose
 
 _STARTED_LOCAL: list[bool] = [False]
+DASHBOARD_ENV = "KDSHIELD_RAY_DASHBOARD"
 
 
 def started_local() -> bool:
@@ -60,7 +61,9 @@ def connect(address: str | None = None, *, num_cpus: int | None = None, quiet: b
     if address:
         ray.init(address=address, **kwargs)
     else:  # "local": never silently join another cluster that happens to run on this machine
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        # KDSHIELD_RAY_DASHBOARD=0: no dashboard processes (the test suite, which starts Ray dozens of times)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(),
+                 include_dashboard=None if os.environ.get(DASHBOARD_ENV, "1") != "0" else False, **kwargs)
     _STARTED_LOCAL[0] = not address
     logging.getLogger("ray.data").setLevel(logging.WARNING if quiet else logging.INFO)
     ordered_data()

@@ -56,7 +56,7 @@ from kdshield.config import ScalingSettings, TrainSettings
 from kdshield.datasets import PadCollate
 from kdshield.defenses.stage import Stage
 from kdshield.errors import InputError
-from kdshield.models import load_classifier, model_family, save_classifier
+from kdshield.models import load_classifier, load_classifier_partitioned, model_family, resolve_model, save_classifier
 from kdshield.models.lora import merge_into, save_adapter, wrap_lora
 from kdshield.models.outputs import model_outputs
 
@@ -185,8 +185,8 @@ def _export(engine, tokenizer, out: Path, *, rank: int, zero: int, spec=None) ->
     ZeRO-3 gathered layer by layer onto rank 0 only, never whole on every rank) and the losses'
     modules as ``out/extras.safetensors``. A LoRA model (``spec.lora``) is
     written as its adapter ``out/adapter`` and the merged model ``out/hf_model``, both rebuilt
-    on CPU from a copy of the state the engine holds (base weights included, so a base weight
-    that had changed would show in the merged model)."""
+    on CPU from the source's frozen base and the parameters that trained (adapter, head): under
+    ZeRO-3 only those are gathered, never the base."""
     import contextlib
 
     import deepspeed
@@ -207,14 +207,17 @@ def _export(engine, tokenizer, out: Path, *, rank: int, zero: int, spec=None) ->
         if part["extras"]:
             save_file({k: v.float().contiguous() for k, v in part["extras"].items()}, str(out / EXTRAS_FILE))
         return
-    gather = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    # Under ZeRO-3 only a LoRA model gets here, and only what trained (adapter, head) and the
+    # losses' modules are gathered: its frozen base is read again from the source on rank 0.
+    trained = [p for p in module.model.parameters() if p.requires_grad] if lora else []
+    gather = (deepspeed.zero.GatheredParameters([*trained, *module.extras.parameters()], modifier_rank=None)
               if zero == 3 else contextlib.nullcontext())
     state = None
     with gather:
         if rank != 0:
             return
         if lora:
-            state = {k: v.detach().cpu().clone() for k, v in module.model.state_dict().items()}
+            state = {k: v.detach().cpu().clone() for k, v in module.model.named_parameters() if v.requires_grad}
         elif module.model is not None:
             save_classifier(module.model, tokenizer, out / HF_MODEL_DIR)
         if len(module.extras):
@@ -225,7 +228,12 @@ def _export(engine, tokenizer, out: Path, *, rank: int, zero: int, spec=None) ->
         fresh, _ = load_classifier(spec.source, spec.num_labels, attn_implementation=spec.attn_implementation,
                                    tokenizer=tokenizer)
         fresh = wrap_lora(fresh, spec.lora)
-        fresh.load_state_dict({k: v.to(fresh.state_dict()[k].dtype) for k, v in state.items()}, strict=True)
+        frozen = set(fresh.state_dict()) - {k for k, v in fresh.named_parameters() if v.requires_grad}
+        loaded = fresh.load_state_dict({k: v.to(fresh.state_dict()[k].dtype) for k, v in state.items()},
+                                       strict=False)
+        if loaded.unexpected_keys or set(loaded.missing_keys) - frozen:
+            raise RuntimeError(f"the adapter's state does not fit a fresh copy of {spec.source}: unexpected "
+                               f"{loaded.unexpected_keys[:3]}, missing {sorted(set(loaded.missing_keys) - frozen)[:3]}")
         del state
         save_adapter(fresh, out / ADAPTER_DIR)
         merge_into(fresh, tokenizer, out / HF_MODEL_DIR)
@@ -429,13 +437,16 @@ def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int, runtim
     spec, model, tokenizer = stage.model, None, None
     ds_config = deepspeed_config(train, scaling)
     if spec is not None:
-        # Whole, in the training dtype. Loading under deepspeed.zero.Init through transformers'
-        # glue was measured worse (benchmarks/results/zero3_memory.md: a 1.1B LLaMA, rank 0 peaks
-        # at 6.1 GB against 3.3 GB whole, since the glue reads and gathers every weight through
-        # rank 0); what would help is each rank reading only its partition from the safetensors.
-        model, tokenizer = load_classifier(spec.source, spec.num_labels, attn_implementation=spec.attn_implementation,
-                                           keep_layers=spec.keep_layers, init=spec.init,
-                                           dtype=torch.bfloat16 if scaling.bf16 else torch.float32)
+        dtype = torch.bfloat16 if scaling.bf16 else torch.float32
+        if scaling.zero == 3 and spec.keep_layers is None and spec.init == "pretrained" \
+                and os.path.isdir(resolve_model(spec.source)):  # (a hub id loads whole, downloaded)
+            # each rank reads only its partitions (transformers' zero.Init loading reads and gathers
+            # every weight through rank 0: benchmarks/results/zero3_memory.md)
+            model, tokenizer = load_classifier_partitioned(spec.source, spec.num_labels, ds_config=ds_config,
+                                                           dtype=dtype, attn_implementation=spec.attn_implementation)
+        else:  # whole, in the training dtype
+            model, tokenizer = load_classifier(spec.source, spec.num_labels, attn_implementation=spec.attn_implementation,
+                                               keep_layers=spec.keep_layers, init=spec.init, dtype=dtype)
         if scaling.gradient_checkpointing:
             # non-reentrant: works with a frozen base (LoRA), whose inputs need no grad
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
