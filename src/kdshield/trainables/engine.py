@@ -434,12 +434,13 @@ def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int, runtim
     rank, world = runtime.rank, runtime.world
     torch.set_num_threads(max(1, int(scaling.cpus_per_worker)))
     torch.manual_seed(train.seed)
-    spec, model, tokenizer = stage.model, None, None
+    spec, model, tokenizer, partitioned = stage.model, None, None, False
     ds_config = deepspeed_config(train, scaling)
+    dtype = torch.bfloat16 if scaling.bf16 else torch.float32
     if spec is not None:
-        dtype = torch.bfloat16 if scaling.bf16 else torch.float32
-        if scaling.zero == 3 and spec.keep_layers is None and spec.init == "pretrained" \
-                and os.path.isdir(resolve_model(spec.source)):  # (a hub id loads whole, downloaded)
+        partitioned = scaling.zero == 3 and spec.keep_layers is None and spec.init == "pretrained" \
+                and os.path.isdir(resolve_model(spec.source))  # (a hub id loads whole, downloaded)
+        if partitioned:
             # each rank reads only its partitions (transformers' zero.Init loading reads and gathers
             # every weight through rank 0: benchmarks/results/zero3_memory.md)
             model, tokenizer = load_classifier_partitioned(spec.source, spec.num_labels, ds_config=ds_config,
@@ -453,6 +454,11 @@ def _set_up(stage: Stage, scaling: ScalingSettings, steps_per_epoch: int, runtim
         if spec.lora is not None:
             model = wrap_lora(model, spec.lora)  # base frozen before DeepSpeed sees it
     module = StageModule(model, stage.loss_modules())
+    if partitioned:  # DeepSpeed casts only a module not built under zero.Init: the losses' modules
+        # and any parameter added after loading (adapters) take the training dtype here
+        for t in (*module.extras.parameters(), *module.extras.buffers(), *model.parameters()):
+            if not hasattr(t, "ds_id") and t.is_floating_point() and t.dtype != dtype:
+                t.data = t.data.to(dtype)
     module.train()
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
