@@ -180,13 +180,13 @@ def _linear_schedule(total_steps: int, warmup_steps: int):
     return factor
 
 
-def _export(engine, tokenizer, out: Path, *, rank: int, zero: int, spec=None) -> None:
+def _export(engine, tokenizer, out: Path, *, rank: int, zero: int, spec=None, dtype=torch.float32) -> None:
     """From rank 0: the model as a HF directory ``out/hf_model`` (sharded safetensors; under
     ZeRO-3 gathered layer by layer onto rank 0 only, never whole on every rank) and the losses'
     modules as ``out/extras.safetensors``. A LoRA model (``spec.lora``) is
     written as its adapter ``out/adapter`` and the merged model ``out/hf_model``, both rebuilt
-    on CPU from the source's frozen base and the parameters that trained (adapter, head): under
-    ZeRO-3 only those are gathered, never the base."""
+    on CPU in the training ``dtype`` from the source's frozen base and the parameters that trained
+    (adapter, head): under ZeRO-3 only those are gathered, never the base."""
     import contextlib
 
     import deepspeed
@@ -226,7 +226,7 @@ def _export(engine, tokenizer, out: Path, *, rank: int, zero: int, spec=None) ->
             save_file(extras, str(out / EXTRAS_FILE))
     if state is not None:
         fresh, _ = load_classifier(spec.source, spec.num_labels, attn_implementation=spec.attn_implementation,
-                                   tokenizer=tokenizer)
+                                   tokenizer=tokenizer, dtype=dtype)
         fresh = wrap_lora(fresh, spec.lora)
         frozen = set(fresh.state_dict()) - {k for k, v in fresh.named_parameters() if v.requires_grad}
         loaded = fresh.load_state_dict({k: v.to(fresh.state_dict()[k].dtype) for k, v in state.items()},
@@ -652,7 +652,8 @@ def _report(w: _Worker, metrics: dict[str, Any], history: list[dict], *, final: 
 
     def write(directory: Path) -> None:
         if final:
-            _export(w.engine, w.tokenizer, directory, rank=w.rank, zero=w.scaling.zero, spec=w.stage.model)
+            _export(w.engine, w.tokenizer, directory, rank=w.rank, zero=w.scaling.zero, spec=w.stage.model,
+                    dtype=torch.bfloat16 if w.scaling.bf16 else torch.float32)
         else:  # a LoRA stage keeps only the adapter and its optimizer state
             w.engine.save_checkpoint(str(directory), tag=DS_TAG, exclude_frozen_parameters=w.lora)
         if w.rank == 0:
