@@ -9,7 +9,7 @@ import sys
 import pytest
 
 # Every local Ray of the session (the fixture's, and those of the kdshield commands the tests run
-# in subprocesses) starts without its dashboard: nobody watches it, and it costs each start seconds.
+# in subprocesses) starts without its dashboard: nobody watches it there.
 os.environ.setdefault("KDSHIELD_RAY_DASHBOARD", "0")
 
 

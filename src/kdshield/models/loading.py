@@ -229,7 +229,6 @@ def load_classifier(
     return model, tokenizer
 
 
-
 def _classifier_config(name: str, num_labels: int, tokenizer=None):
     """``(path, config, tokenizer, replace_head)`` for loading ``name`` as a ``num_labels``-way
     classifier: the checks and the config changes both loaders make (pad token of decoders, the
@@ -285,7 +284,7 @@ def load_classifier_partitioned(name_or_path: str | os.PathLike, num_labels: int
         plan_partitioned_load(AutoModelForSequenceClassification.from_config(config, **kwargs), entries)
     offload = bool(ds_config.get("zero_optimization", {}).get("offload_param"))
     # no_init_weights: every base weight is about to be read, so none is drawn; the arange guard
-    # keeps the rotary buffers in fp32 under zero.Init's dtype (as transformers' own ZeRO-3 path)
+    # keeps the rotary buffers in fp32 under zero.Init's dtype (as transformers' own ZeRO-3 path).
     # The dtype goes through the config: zero.Init(dtype=float32) gives bf16 on a CPU accelerator
     # (DeepSpeed 0.19's _set_dtype: an operator-precedence slip), while the config's flag is read right.
     init_config = {**ds_config, "bf16": {"enabled": dtype == torch.bfloat16}}

@@ -12,8 +12,8 @@ no rank ever holds more than one weight's partition in transit.
 
 The parameters of the base model (``model.base_model_prefix``) must all be in the checkpoint with
 their shapes; the task head may be missing or have another shape (a base model, or another number
-of labels), and then keeps the initialisation it got at construction, drawn from the caller's
-seeded RNG, identical on every rank.
+of labels): :func:`kdshield.models.load_classifier_partitioned` then initialises it on rank 0 and
+broadcasts it.
 """
 
 from __future__ import annotations
